@@ -1,0 +1,147 @@
+"""A pyvmomi session to vCenter: TLS verified by default, bounded retries on transient faults, and a
+count of the SOAP calls made through it (discovery reports it; the tests bound it)."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import tenacity
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim
+
+from adapters.errors import AuthError, ConnectError, VSphereError
+
+TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, http.client.RemoteDisconnected,
+             http.client.IncompleteRead)
+
+
+@dataclass
+class CallCounter:
+    """Counts the SOAP calls (round trips) made through one pyvmomi stub."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+    def install(self, stub: Any) -> None:
+        invoke = stub.InvokeMethod
+
+        def counted(mo: Any, info: Any, args: Any, *rest: Any) -> Any:
+            self.calls[info.wsdlName] += 1
+            return invoke(mo, info, args, *rest)
+
+        stub.InvokeMethod = counted
+
+
+@dataclass
+class Session:
+    """A logged-in vCenter session."""
+
+    url: str
+    username: str
+    si: vim.ServiceInstance
+    content: vim.ServiceInstanceContent
+    counter: CallCounter
+    verify: bool | str = True
+
+    @property
+    def base_url(self) -> str:
+        """scheme://host:port, the root of the REST (Automation API) endpoints."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def cookie(self) -> str:
+        """The session cookie, for datastore HTTP access."""
+        return str(self.si._stub.cookie)
+
+    def close(self) -> None:
+        try:
+            Disconnect(self.si)
+        except Exception:  # noqa: BLE001 - logout of a dead session is not an error worth raising
+            pass
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ssl_context(insecure: bool, ca_file: Path | None) -> ssl.SSLContext:
+    if insecure:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+def connect(
+    url: str,
+    username: str,
+    password: str,
+    *,
+    insecure: bool = False,
+    ca_file: Path | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Session:
+    """Log in to vCenter at `url` (https://host[:port]/sdk, or http for the simulator).
+
+    Transient faults (refused or reset connections, timeouts) are retried `retries` times in all, with
+    exponential back-off; a refused login is not retried. Errors name the server and the user, never
+    the password.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    port = parts.port or (443 if scheme == "https" else 80)
+    where = f"vCenter {parts.scheme}://{parts.netloc}"
+
+    def login() -> vim.ServiceInstance:
+        kwargs: dict[str, Any] = {}
+        if scheme == "https":
+            kwargs["sslContext"] = _ssl_context(insecure, ca_file)
+        else:
+            kwargs["disableSslCertValidation"] = True
+        return SmartConnect(host=parts.hostname, port=port, user=username, pwd=password, protocol=scheme,
+                            path=parts.path or "/sdk", connectionPoolTimeout=timeout, **kwargs)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TRANSIENT),
+        stop=tenacity.stop_after_attempt(retries),
+        wait=tenacity.wait_exponential(multiplier=0.25, max=4),
+        sleep=sleep,
+        reraise=True,
+    )
+    try:
+        si = retrying(login)
+    except vim.fault.InvalidLogin:
+        raise AuthError(f"{where}: login refused for user {username!r} (incorrect user name or password)") from None
+    except ssl.SSLError as e:
+        raise ConnectError(f"{where}: TLS verification failed ({e.reason or e}); set vcenter.ca_file, "
+                           "or insecure: true for a lab") from None
+    except TRANSIENT as e:
+        raise ConnectError(f"{where}: unreachable after {retries} attempts ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ConnectError(f"{where}: unreachable ({e.strerror or e})") from None
+    except vim.fault.VimFault as e:
+        raise VSphereError(f"{where}: {e.msg or type(e).__name__}") from None
+
+    content = si.RetrieveContent()
+    counter = CallCounter()
+    counter.install(si._stub)
+    verify: bool | str = False if insecure else (str(ca_file) if ca_file else True)
+    return Session(url=url, username=username, si=si, content=content, counter=counter, verify=verify)

@@ -1,0 +1,88 @@
+"""What every command shares: exit codes, configuration loading, the vCenter session and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from vsphere_proxy.config import Config, ConfigError, load_config
+from vsphere_proxy.model import Inventory
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_PARTIAL = 3
+EXIT_FAILED = 4
+
+DEFAULT_CONFIG = "vsphere-proxy.yaml"
+
+
+class CommandError(Exception):
+    """A failure already phrased for the user, with the exit code it maps to."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def config_path(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("VSPHERE_PROXY_CONFIG") or DEFAULT_CONFIG)
+
+
+def read_config(arg: str | None) -> Config:
+    try:
+        return load_config(config_path(arg))
+    except ConfigError as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+
+
+@dataclass
+class Discovered:
+    config: Config
+    inventory: Inventory
+
+
+@contextmanager
+def vcenter(config: Config) -> Iterator[Discovered]:
+    """Log in, read the inventory (with tags), log out; errors become CommandErrors."""
+    from adapters.discovery import discover
+    from adapters.errors import AuthError, ConnectError, VSphereError
+    from adapters.session import connect
+    from adapters.tags import TagClient
+
+    vc = config.vcenter
+    try:
+        user, password = vc.credentials.resolve()
+    except ConfigError as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+    try:
+        session = connect(vc.url, user, password.get_secret_value(), insecure=vc.insecure, ca_file=vc.ca_file,
+                          retries=vc.connect_retries, timeout=vc.timeout)
+    except AuthError as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+    except (ConnectError, VSphereError) as e:
+        raise CommandError(str(e), EXIT_FAILED) from None
+    try:
+        with TagClient(session.base_url, user, password.get_secret_value(), verify=session.verify) as tags:
+            inventory = discover(session, tags=tags)
+        yield Discovered(config, inventory)
+    except (AuthError, ConnectError, VSphereError) as e:
+        raise CommandError(str(e), EXIT_FAILED) from None
+    finally:
+        session.close()
+
+
+def emit_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def console() -> Console:
+    return Console(highlight=False)

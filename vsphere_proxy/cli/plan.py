@@ -1,0 +1,105 @@
+"""`vsphere-proxy plan`: a dry run. For every VM of the job: why it was selected, the tier, mode and
+reason of each proxy, and the proxies eligible in round 1. Nothing is changed in vCenter."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+
+from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json, read_config, vcenter
+from vsphere_proxy.config import Config, ConfigError
+from vsphere_proxy.model import Inventory, Proxy
+from vsphere_proxy.proxies import resolve_proxies
+from vsphere_proxy.selection import Selected, select_vms
+from vsphere_proxy.tiers import TierTable, eligible_proxies, tier_table
+
+HELP = "dry run: the tier of every (VM, proxy) pair with its reason, and the proxies eligible in round 1"
+
+
+def build_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help=HELP, description=HELP)
+    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--round", type=int, default=1, help="show eligibility for this round (default 1)")
+    p.set_defaults(func=do_plan)
+
+
+@dataclass(frozen=True)
+class Plan:
+    selected: list[Selected]
+    proxies: list[Proxy]
+    table: TierTable
+    round: int
+
+    def to_json(self) -> dict[str, Any]:
+        vms = []
+        for s in self.selected:
+            entry: dict[str, Any] = {"vm": s.vm.name, "selected_by": s.because, "total_bytes": s.vm.total_bytes,
+                                     "datastores": list(s.vm.datastores)}
+            if s.skip:
+                entry["skipped"] = s.skip
+                vms.append(entry)
+                continue
+            best = self.table.best_tier(s.vm.name)
+            entry["best_tier"] = best.label if best else None
+            entry["eligible"] = [c.proxy for c in eligible_proxies(s.vm.name, self.round, self.table)]
+            entry["proxies"] = {
+                c.proxy: {"tier": int(c.tier) if c.tier else None, "mode": c.mode, "reason": c.reason}
+                for c in self.table.for_vm(s.vm.name)
+            }
+            vms.append(entry)
+        return {
+            "round": self.round,
+            "proxies": [{"name": p.name, "kind": p.kind.value, "cpus": p.cpus, "ram_mb": p.ram_mb, "alive": p.alive,
+                         "vsda_active": p.vsda_active, "host": p.host, "luns": [a.lun for a in p.luns],
+                         "nfs_exports": sorted(p.nfs_exports)} for p in self.proxies],
+            "vms": vms,
+            "unprotected": [v["vm"] for v in vms if "skipped" not in v and not v["eligible"]],
+        }
+
+
+def make_plan(config: Config, inventory: Inventory, round_number: int = 1) -> Plan:
+    if round_number < 1:
+        raise CommandError(f"--round: must be 1 or more (got {round_number})", EXIT_BAD_INPUT)
+    try:
+        proxies = resolve_proxies(config.job_proxies(), inventory)
+    except ConfigError as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+    selected = select_vms(inventory, config.job.select, {p.name for p in proxies})
+    table = tier_table((s.vm for s in selected if not s.skip), proxies, inventory)
+    return Plan(selected, proxies, table, round_number)
+
+
+def do_plan(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    with vcenter(config) as found:
+        plan = make_plan(config, found.inventory, args.round)
+    if args.json:
+        emit_json(plan.to_json())
+        return EXIT_OK
+    out = console()
+    data = plan.to_json()
+    active = [p for p in plan.proxies if p.alive and p.vsda_active]
+    out.print(f"[bold]{config.job.name}[/]: {len(plan.selected)} VMs selected, "
+              f"{len(active)}/{len(plan.proxies)} proxies usable, round {plan.round}")
+    table = Table("VM", "best tier", f"eligible in round {plan.round}",
+                  *(p.name for p in plan.proxies), title="Access tiers", show_lines=True)
+    for v in data["vms"]:
+        if "skipped" in v:
+            table.add_row(v["vm"], "skipped", v["skipped"], *("" for _ in plan.proxies))
+            continue
+        cells = []
+        for p in plan.proxies:
+            c = v["proxies"][p.name]
+            cells.append(f"{c['tier']} {c['mode']}\n{c['reason']}" if c["tier"] else f"-\n{c['reason']}")
+        table.add_row(v["vm"], v["best_tier"] or "none", ", ".join(v["eligible"]) or "NONE", *cells)
+    out.print(table)
+    modes = Counter(c.mode or "no access" for c in plan.table.entries.values())
+    out.print("pairs by mode: " + ", ".join(f"{n} {m}" for m, n in sorted(modes.items())))
+    if data["unprotected"]:
+        out.print(f"[red]no eligible proxy for: {', '.join(data['unprotected'])}[/]")
+    return EXIT_OK

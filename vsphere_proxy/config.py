@@ -1,0 +1,240 @@
+"""The configuration file: one YAML document validated by pydantic (DESIGN §8).
+
+Credentials are never in the file itself nor on the command line: they come from environment variables
+or from a separate credentials file. A bad value becomes one `ConfigError` line naming the field and value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from vsphere_proxy.model import Tag
+
+LUN_NAME = re.compile(r"^(naa|eui|t10)\.[0-9A-Za-z_.-]+$")
+NFS_EXPORT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:/\S*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Credentials(_Strict):
+    """Where the vCenter username and password come from: environment variables, or a file."""
+
+    username_env: str = "VSPHERE_USERNAME"
+    password_env: str = "VSPHERE_PASSWORD"
+    file: Path | None = None  # YAML with `username:` and `password:`, readable by its owner only
+
+    def resolve(self, env: Mapping[str, str] | None = None) -> tuple[str, SecretStr]:
+        """Read the username and password; raise ConfigError naming what is missing (never the value)."""
+        env = os.environ if env is None else env
+        if self.file is not None:
+            return _read_credentials_file(self.file)
+        user, password = env.get(self.username_env, ""), env.get(self.password_env, "")
+        if not user:
+            raise ConfigError(f"vcenter.credentials.username_env: environment variable {self.username_env} is not set")
+        if not password:
+            raise ConfigError(f"vcenter.credentials.password_env: environment variable {self.password_env} is not set")
+        return user, SecretStr(password)
+
+
+def _read_credentials_file(path: Path) -> tuple[str, SecretStr]:
+    where = f"vcenter.credentials.file: {path}"
+    try:
+        mode = path.stat().st_mode
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: not valid YAML") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{where}: readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+    if not isinstance(data, dict) or not data.get("username") or not data.get("password"):
+        raise ConfigError(f"{where}: needs non-empty 'username' and 'password' keys")
+    return str(data["username"]), SecretStr(str(data["password"]))
+
+
+class VCenterConfig(_Strict):
+    url: str
+    insecure: bool = False  # skip TLS verification; required for plain http (the simulator)
+    ca_file: Path | None = None
+    credentials: Credentials = Credentials()
+    connect_retries: Annotated[int, Field(ge=1, le=10)] = 3
+    timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an https:// (or, for a simulator, http://) URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not contain credentials; use vcenter.credentials")
+        if parts.path in ("", "/"):
+            v = v.rstrip("/") + "/sdk"
+        return v
+
+    @model_validator(mode="after")
+    def _http_needs_insecure(self) -> VCenterConfig:
+        if self.url.startswith("http://") and not self.insecure:
+            raise ValueError("url: plain http carries no TLS; write `insecure: true` to allow it")
+        return self
+
+
+class ProxyConfig(_Strict):
+    name: str
+    kind: Literal["vm", "physical"]
+    cpus: Annotated[int, Field(ge=1, le=4096)] | None = None  # physical only: VM proxies read theirs from vCenter
+    ram_mb: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
+    luns: list[str] = []  # physical only: LUNs its agent reports as visible
+    nfs_exports: list[str] = []  # host:/path exports it can mount (direct NFS)
+    vsda_active: bool = True
+    nbd: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.match(v):
+            raise ValueError("must be 1-80 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("luns")
+    @classmethod
+    def _luns(cls, v: list[str]) -> list[str]:
+        for lun in v:
+            if not LUN_NAME.match(lun):
+                raise ValueError(f"{lun!r} is not a LUN canonical name (naa.*, eui.* or t10.*)")
+        return v
+
+    @field_validator("nfs_exports")
+    @classmethod
+    def _exports(cls, v: list[str]) -> list[str]:
+        for export in v:
+            if not NFS_EXPORT.match(export):
+                raise ValueError(f"{export!r} is not an NFS export of the form host:/path")
+        return v
+
+    @model_validator(mode="after")
+    def _by_kind(self) -> ProxyConfig:
+        if self.kind == "physical" and (self.cpus is None or self.ram_mb is None):
+            raise ValueError("a physical proxy needs cpus and ram_mb")
+        if self.kind == "vm" and self.luns:
+            raise ValueError("luns: a VM proxy's LUNs come from vCenter (RDM disks or passthrough HBAs)")
+        return self
+
+
+class Selection(_Strict):
+    """Which VMs a job backs up: every VM matching any criterion, minus the exclusions."""
+
+    names: list[str] = []  # glob patterns on VM names
+    folders: list[str] = []  # "/" is every VM; "Production" includes its subfolders
+    clusters: list[str] = []
+    datastores: list[str] = []
+    tags: list[str] = []  # Category:Tag
+    exclude: list[str] = []  # glob patterns on VM names
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        for t in v:
+            Tag.parse(t)
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Selection:
+        if not (self.names or self.folders or self.clusters or self.datastores or self.tags):
+            raise ValueError("select at least one of names, folders, clusters, datastores, tags")
+        return self
+
+
+class JobConfig(_Strict):
+    name: str = "backup"
+    select: Selection
+    proxies: list[str] | None = None  # the proxies this job may use; default all
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.match(v):
+            raise ValueError("must be 1-80 letters, digits, '.', '_' or '-'")
+        return v
+
+
+class Config(_Strict):
+    vcenter: VCenterConfig
+    proxies: Annotated[list[ProxyConfig], Field(min_length=1)]
+    job: JobConfig
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = [p.name for p in self.proxies]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"proxies: name {dup[0]!r} is used twice")
+        for n in self.job.proxies or []:
+            if n not in names:
+                raise ValueError(f"job.proxies: {n!r} is not one of the configured proxies")
+        return self
+
+    def job_proxies(self) -> list[ProxyConfig]:
+        wanted = self.job.proxies
+        return [p for p in self.proxies if wanted is None or p.name in wanted]
+
+
+def _location(loc: tuple[Any, ...], data: Any) -> tuple[str, Any]:
+    """Render a pydantic error location as `proxies[1].kind` and find the offending value."""
+    text, value = "", data
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = None
+    return text, value
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc, value = _location(tuple(p for p in err["loc"] if p not in ("function-after",)), data)
+        msg = err["msg"].removeprefix("Value error, ")
+        got = "" if value is None or isinstance(value, dict | list) else f" (got {value!r})"
+        where = f"{loc}: " if loc else ""
+        raise ConfigError(f"{source}: {where}{msg}{got}") from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a configuration file; every problem is a one-line ConfigError."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with vcenter, proxies and job")
+    return parse_config(data, str(path))

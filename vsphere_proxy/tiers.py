@@ -1,0 +1,181 @@
+"""Access modes and their tiers of preference (US 9563514, FIG. 6, blocks 602-606; DESIGN §3).
+
+Every (VM, proxy) pair is classified by the mode the proxy would use to read the VM's disks:
+
+    tier 1  san / direct-nfs  the proxy reads the datastore's LUN (or NFS export) itself
+    tier 2  hotadd            the proxy is a VM whose ESXi host mounts every datastore of the VM
+    tier 3  nbd               the proxy reads through the VM's ESXi host over the network
+
+A VM with several datastores takes the worst tier over them. A proxy that is down or whose VSDA is not
+active is never eligible. Falling back to a lower tier is a recorded decision: the reason says why the
+better tiers were not available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from vsphere_proxy.model import VM, Datastore, DatastoreKind, Inventory, Proxy, ProxyKind
+
+
+class Tier(IntEnum):
+    SAN = 1
+    HOTADD = 2
+    NBD = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+LAST_TIER = max(Tier)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """The verdict for one (VM, proxy) pair: tier and mode, or None with the reason it has no access."""
+
+    vm: str
+    proxy: str
+    tier: Tier | None
+    mode: str | None  # san | direct-nfs | hotadd | nbd
+    reason: str
+    affinity: int = 2  # hotadd tie-break: 0 same host, 1 same cluster, 2 elsewhere
+
+    @property
+    def eligible(self) -> bool:
+        return self.tier is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Access:
+    tier: Tier | None
+    mode: str | None
+    reason: str
+
+
+def _san_access(ds: Datastore, proxy: Proxy, inventory: Inventory) -> _Access:
+    """Tier 1 for one datastore, or the reason it is not available."""
+    if ds.kind is DatastoreKind.NFS:
+        if ds.nfs_export in proxy.nfs_exports:
+            return _Access(Tier.SAN, "direct-nfs", f"{proxy.name} mounts NFS export {ds.nfs_export} of {ds.name}")
+        return _Access(None, None, f"{proxy.name} does not mount NFS export {ds.nfs_export} of {ds.name}")
+    if ds.kind is DatastoreKind.LOCAL:
+        return _Access(None, None, f"{ds.name} is on a local disk of {', '.join(ds.hosts) or 'its host'}")
+    if ds.kind is not DatastoreKind.VMFS or not ds.extents:
+        return _Access(None, None, f"{ds.name} ({ds.type}) has no LUN a proxy can read")
+    reasons = []
+    for lun in ds.extents:
+        access = proxy.lun_access(lun)
+        if access is None:
+            return _Access(None, None, f"LUN {lun} of {ds.name} is not visible to {proxy.name}")
+        paths = inventory.lun_paths(lun)
+        active = [(host, p) for host, p in paths if p.active]
+        if not active:
+            states = ", ".join(f"{host} {p.name} {p.state}" for host, p in paths) or "no host path"
+            return _Access(None, None, f"LUN {lun} of {ds.name} has no active path ({states})")
+        host, path = active[0]
+        reasons.append(f"LUN {lun} of {ds.name} visible on {access.via}; active path {path.name} on {host}")
+    return _Access(Tier.SAN, "san", "; ".join(reasons))
+
+
+def _hotadd_access(vm: VM, proxy: Proxy, inventory: Inventory) -> tuple[_Access, int]:
+    if proxy.kind is not ProxyKind.VM:
+        return _Access(None, None, f"{proxy.name} is a physical proxy (hot-add needs a VM proxy)"), 2
+    if proxy.vm_moref == vm.moref:
+        return _Access(None, None, f"{proxy.name} cannot hot-add its own disks"), 2
+    host = inventory.host_by_name.get(proxy.host or "")
+    if host is None:
+        return _Access(None, None, f"ESXi host of {proxy.name} is unknown"), 2
+    missing = [ds for ds in vm.datastores if ds not in host.datastores]
+    if missing:
+        return _Access(None, None, f"host {host.name} of {proxy.name} does not mount {', '.join(missing)}"), 2
+    if host.name == vm.host:
+        affinity, where = 0, "same host"
+    elif host.cluster is not None and host.cluster == vm.cluster:
+        affinity, where = 1, f"same cluster {host.cluster}"
+    else:
+        affinity, where = 2, "another cluster" if host.cluster else "standalone host"
+    mounts = ", ".join(vm.datastores)
+    return _Access(Tier.HOTADD, "hotadd", f"host {host.name} of {proxy.name} mounts {mounts} ({where})"), affinity
+
+
+def classify_tier(vm: VM, proxy: Proxy, inventory: Inventory) -> Classification:
+    """Classify one (VM, proxy) pair (US 9563514 FIG. 6 block 604): its tier, mode and reason."""
+    def verdict(tier: Tier | None, mode: str | None, reason: str, affinity: int = 2) -> Classification:
+        return Classification(vm.name, proxy.name, tier, mode, reason, affinity)
+
+    if not proxy.alive:
+        return verdict(None, None, f"{proxy.name} is down" + (f": {proxy.down_reason}" if proxy.down_reason else ""))
+    if not proxy.vsda_active:
+        return verdict(None, None, f"VSDA is not active on {proxy.name}")
+    if not vm.datastores:
+        return verdict(None, None, f"{vm.name} has no disk to back up")
+
+    unknown = [name for name in vm.datastores if name not in inventory.datastore_by_name]
+    if unknown:
+        return verdict(None, None, f"datastore {', '.join(unknown)} of {vm.name} was not discovered")
+
+    san = [_san_access(inventory.datastore_by_name[name], proxy, inventory) for name in vm.datastores]
+    if all(a.tier is Tier.SAN for a in san):
+        modes = {a.mode for a in san}
+        mode = "san" if "san" in modes else "direct-nfs"
+        return verdict(Tier.SAN, mode, "; ".join(a.reason for a in san))
+    not_san = next(a.reason for a in san if a.tier is None)
+
+    hotadd, affinity = _hotadd_access(vm, proxy, inventory)
+    if hotadd.tier is Tier.HOTADD:
+        return verdict(Tier.HOTADD, "hotadd", f"{hotadd.reason}; not san: {not_san}", affinity)
+
+    if proxy.nbd:
+        return verdict(Tier.NBD, "nbd",
+                       f"network read through {vm.host or 'its host'}; not san: {not_san}; not hotadd: {hotadd.reason}")
+    return verdict(None, None, f"no access path: not san: {not_san}; not hotadd: {hotadd.reason}; "
+                               f"nbd disabled on {proxy.name}")
+
+
+@dataclass(frozen=True)
+class TierTable:
+    """The classification of every (VM, proxy) pair of a job, the input of every round."""
+
+    entries: dict[tuple[str, str], Classification]
+
+    def for_vm(self, vm: str) -> list[Classification]:
+        return sorted((c for (v, _), c in self.entries.items() if v == vm), key=lambda c: c.proxy)
+
+    def best_tier(self, vm: str) -> Tier | None:
+        tiers = [c.tier for c in self.for_vm(vm) if c.tier is not None]
+        return min(tiers) if tiers else None
+
+    @property
+    def vms(self) -> list[str]:
+        return sorted({v for v, _ in self.entries})
+
+
+def tier_table(vms: Iterable[VM], proxies: Sequence[Proxy], inventory: Inventory) -> TierTable:
+    """Classify every (VM, proxy) pair."""
+    return TierTable({(vm.name, p.name): classify_tier(vm, p, inventory) for vm in vms for p in proxies})
+
+
+def allowed_tier(best: Tier, round_number: int) -> Tier:
+    """The lowest tier a round admits: round 1 only the VM's best tier, round k every tier <= k."""
+    if round_number < 1:
+        raise ValueError(f"round {round_number}: rounds start at 1")
+    return Tier(min(max(best, round_number), LAST_TIER))
+
+
+def eligible_proxies(vm: str, round_number: int, table: TierTable) -> list[Classification]:
+    """The proxies eligible to back up `vm` in a round (US 9563514 FIG. 6 block 606; DESIGN §3).
+
+    Round 1 admits only the VM's best available tier; round k admits every tier <= k, so lower tiers
+    join in later rounds to stop stranded VMs from being stranded again. Ordered best first: tier,
+    then hot-add affinity (same host, same cluster), then proxy name.
+    """
+    best = table.best_tier(vm)
+    if best is None:
+        return []
+    limit = allowed_tier(best, round_number)
+    chosen = [c for c in table.for_vm(vm) if c.tier is not None and c.tier <= limit]
+    return sorted(chosen, key=lambda c: (c.tier, c.affinity, c.proxy))
