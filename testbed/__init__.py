@@ -1,0 +1,1 @@
+"""vcsim testbed: launcher, topologies, deterministic disk images and the vsphere-proxy config they imply."""

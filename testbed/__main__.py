@@ -1,0 +1,95 @@
+"""`python -m testbed serve`: run a vcsim testbed with seeded disk images and a vsphere-proxy config.
+
+`python -m testbed generate N OUT`: write a generated topology with N VMs (for benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import shlex
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from testbed import topology as topo
+from testbed.config import credentials_path_for, write_config, write_credentials
+from testbed.images import write_images
+from testbed.launcher import Vcsim, build_launcher
+
+USERNAME = "administrator@vsphere.local"
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace) -> int:
+    topology_path: Path = args.topology.resolve()
+    topology = topo.load(topology_path)
+    password = secrets.token_urlsafe(24)
+    print("building the vcsim launcher ...", file=sys.stderr, flush=True)
+    binary = build_launcher()
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    with Vcsim.start(
+        topology_path, USERNAME, password, disk_scale=args.disk_scale, listen=args.listen, binary=binary
+    ) as sim:
+        images = write_images(topo.disks(topology, sim.datastores, args.disk_scale), seed=args.seed)
+        config_out: Path = args.config_out.resolve()
+        credentials = write_credentials(USERNAME, password, credentials_path_for(config_out))
+        write_config(topology, sim.url, credentials, config_out)
+        size = sum(d.capacity for d in topo.disks(topology, sim.datastores, args.disk_scale))
+        print(
+            f"vcsim {sim.url} (pid {sim.pid}): {len(topology.get('Machine') or [])} VMs, "
+            f"{len(images)} disk images, {size / 2**20:.1f} MiB"
+        )
+        print(f"config: {config_out}\ncredentials: {credentials}")
+        print("export:")
+        print(f"  export VSPHERE_USERNAME={shlex.quote(USERNAME)}")
+        print(f"  export VSPHERE_PASSWORD={shlex.quote(password)}")
+        print("serving; Ctrl-C to stop", flush=True)
+        try:
+            code = sim.process.wait()
+        except KeyboardInterrupt:
+            print("\nstopping", file=sys.stderr)
+            return 0
+        if code == 0:  # the launcher got the terminal's SIGINT first
+            print("\nstopped", file=sys.stderr)
+            return 0
+        print(f"vcsim launcher exited unexpectedly with code {code}:\n{sim.stderr_tail()}", file=sys.stderr)
+        return 1
+
+
+def generate(args: argparse.Namespace) -> int:
+    path = topo.write(topo.generate(args.vms, seed=args.seed), args.out)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="start vcsim with seeded disk images and write a vsphere-proxy config")
+    p.add_argument("--topology", type=Path, default=topo.DEFAULT_TOPOLOGY)
+    p.add_argument("--disk-scale", type=float, default=1.0, help="multiply every disk capacity")
+    p.add_argument("--config-out", type=Path, default=Path("vsphere-proxy.testbed.yaml"))
+    p.add_argument("--listen", default="127.0.0.1:0", help="address to listen on (port 0: a free port)")
+    p.add_argument("--seed", default="vsphere-proxy", help="disk image seed")
+    p.set_defaults(func=serve)
+    g = sub.add_parser("generate", help="write a generated topology (reusing default.json's infrastructure)")
+    g.add_argument("vms", type=int, help="number of generated VMs (proxy VMs come on top)")
+    g.add_argument("out", type=Path)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=generate)
+    args = parser.parse_args(argv)
+    if getattr(args, "disk_scale", 1.0) <= 0:
+        parser.error("--disk-scale must be > 0")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
