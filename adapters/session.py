@@ -3,6 +3,7 @@ count of the SOAP calls made through it (discovery reports it; the tests bound i
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import ssl
@@ -67,10 +68,9 @@ class Session:
         return str(self.si._stub.cookie)
 
     def close(self) -> None:
-        try:
+        # Logging out of a dead session is not an error worth raising.
+        with contextlib.suppress(Exception):
             Disconnect(self.si)
-        except Exception:  # noqa: BLE001 - logout of a dead session is not an error worth raising
-            pass
 
     def __enter__(self) -> Session:
         return self

@@ -68,7 +68,8 @@ def test_hbas_luns_and_paths_equal_the_topology(vcsim: Any, inventory: Inventory
         visible = {lun.name: lun for lun in host.luns if not lun.local}
         assert sorted(visible) == sorted(lun["Name"] for lun in spec["Lun"])
         for lun in spec["Lun"]:
-            assert [(p.hba, p.state) for p in visible[lun["Name"]].paths] == [(p["Hba"], p["State"]) for p in lun["Path"]]
+            declared = [(p["Hba"], p["State"]) for p in lun["Path"]]
+            assert [(p.hba, p.state) for p in visible[lun["Name"]].paths] == declared
 
 
 def test_datastore_types_extents_and_mounts(vcsim: Any, inventory: Inventory) -> None:
