@@ -1,5 +1,7 @@
 """`python -m testbed serve`: run a vcsim testbed with seeded disk images and a vsphere-proxy config.
 
+`python -m testbed demo`: start the testbed, run the product's commands against it, stop it.
+
 `python -m testbed generate N OUT`: write a generated topology with N VMs (for benchmarks).
 """
 
@@ -9,7 +11,10 @@ import argparse
 import secrets
 import shlex
 import signal
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -25,7 +30,9 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def serve(args: argparse.Namespace) -> int:
+@contextmanager
+def _testbed(args: argparse.Namespace) -> Iterator[tuple[Vcsim, Path, str]]:
+    """Start the launcher, seed the disk images, write config + credentials; stop on exit."""
     topology_path: Path = args.topology.resolve()
     topology = topo.load(topology_path)
     password = secrets.token_urlsafe(24)
@@ -44,10 +51,27 @@ def serve(args: argparse.Namespace) -> int:
             f"vcsim {sim.url} (pid {sim.pid}): {len(topology.get('Machine') or [])} VMs, "
             f"{len(images)} disk images, {size / 2**20:.1f} MiB"
         )
-        print(f"config: {config_out}\ncredentials: {credentials}")
-        print("export:")
-        print(f"  export VSPHERE_USERNAME={shlex.quote(USERNAME)}")
-        print(f"  export VSPHERE_PASSWORD={shlex.quote(password)}")
+        print(f"config: {config_out}\ncredentials: {credentials}", flush=True)
+        yield sim, config_out, password
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Run the product against the testbed: what vCenter holds, then the plan of the job."""
+    with _testbed(args) as (_, config, _password):
+        for command in (["discover"], ["plan"]):
+            argv = [sys.executable, "-m", "vsphere_proxy", *command, "--config", str(config)]
+            print(f"\n$ vsphere-proxy {' '.join(command)} --config {config.name}", flush=True)
+            code = subprocess.run(argv, check=False).returncode
+            if code != 0:
+                print(f"vsphere-proxy {command[0]} exited with {code}", file=sys.stderr)
+                return code
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    with _testbed(args) as (sim, config, _password):
+        # The password stays in the 0600 credentials file the config points to; it is never printed.
+        print(f"try: vsphere-proxy plan --config {shlex.quote(str(config))}")
         print("serving; Ctrl-C to stop", flush=True)
         try:
             code = sim.process.wait()
@@ -70,13 +94,17 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="start vcsim with seeded disk images and write a vsphere-proxy config")
-    p.add_argument("--topology", type=Path, default=topo.DEFAULT_TOPOLOGY)
-    p.add_argument("--disk-scale", type=float, default=1.0, help="multiply every disk capacity")
-    p.add_argument("--config-out", type=Path, default=Path("vsphere-proxy.testbed.yaml"))
-    p.add_argument("--listen", default="127.0.0.1:0", help="address to listen on (port 0: a free port)")
-    p.add_argument("--seed", default="vsphere-proxy", help="disk image seed")
-    p.set_defaults(func=serve)
+    for name, func, text in (
+        ("serve", serve, "start vcsim with seeded disk images and write a vsphere-proxy config"),
+        ("demo", demo, "start the testbed, run vsphere-proxy discover and plan against it, stop"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--topology", type=Path, default=topo.DEFAULT_TOPOLOGY)
+        p.add_argument("--disk-scale", type=float, default=1.0, help="multiply every disk capacity")
+        p.add_argument("--config-out", type=Path, default=Path("vsphere-proxy.testbed.yaml"))
+        p.add_argument("--listen", default="127.0.0.1:0", help="address to listen on (port 0: a free port)")
+        p.add_argument("--seed", default="vsphere-proxy", help="disk image seed")
+        p.set_defaults(func=func)
     g = sub.add_parser("generate", help="write a generated topology (reusing default.json's infrastructure)")
     g.add_argument("vms", type=int, help="number of generated VMs (proxy VMs come on top)")
     g.add_argument("out", type=Path)

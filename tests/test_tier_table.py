@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 PROXIES = ("proxy-prod", "proxy-dev", "phys-01", "phys-02")
 S, D, H, N, X = "san", "direct-nfs", "hotadd", "nbd", None
+FC01 = "naa.600a098038303053453f463045727a01"
 
 #          VM          proxy-prod proxy-dev phys-01 phys-02   round-1 eligible
 EXPECTED: dict[str, tuple[tuple[str | None, ...], list[str]]] = {
@@ -77,7 +78,7 @@ def test_the_proxies_are_skipped_not_backed_up_by_themselves(plan: Any) -> None:
 
 def test_reasons_name_luns_hbas_and_hosts(plan: Any) -> None:
     e = plan.table.entries
-    assert "visible on vmhba3 passed through from esx-01" in e[("web-01", "proxy-prod")].reason
+    assert f"LUN {FC01} of vmfs-fc-01: vmhba3 passed through from esx-01" in e[("web-01", "proxy-prod")].reason
     assert "active path vmhba2:C0:T0:L1 on esx-01" in e[("web-01", "proxy-prod")].reason
     assert "reported by phys-01's agent" in e[("web-03", "phys-01")].reason
     assert "has no active path" in e[("dev-05", "phys-01")].reason

@@ -77,7 +77,7 @@ def _san_access(ds: Datastore, proxy: Proxy, inventory: Inventory) -> _Access:
             states = ", ".join(f"{host} {p.name} {p.state}" for host, p in paths) or "no host path"
             return _Access(None, None, f"LUN {lun} of {ds.name} has no active path ({states})")
         host, path = active[0]
-        reasons.append(f"LUN {lun} of {ds.name} visible on {access.via}; active path {path.name} on {host}")
+        reasons.append(f"LUN {lun} of {ds.name}: {access.via}; active path {path.name} on {host}")
     return _Access(Tier.SAN, "san", "; ".join(reasons))
 
 

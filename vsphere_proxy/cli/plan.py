@@ -25,6 +25,7 @@ def build_parser(sub: Any) -> None:
     p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--round", type=int, default=1, help="show eligibility for this round (default 1)")
+    p.add_argument("--explain", action="store_true", help="give the reason of every (VM, proxy) pair")
     p.set_defaults(func=do_plan)
 
 
@@ -86,18 +87,21 @@ def do_plan(args: argparse.Namespace) -> int:
     active = [p for p in plan.proxies if p.alive and p.vsda_active]
     out.print(f"[bold]{config.job.name}[/]: {len(plan.selected)} VMs selected, "
               f"{len(active)}/{len(plan.proxies)} proxies usable, round {plan.round}")
-    table = Table("VM", "best tier", f"eligible in round {plan.round}",
-                  *(p.name for p in plan.proxies), title="Access tiers", show_lines=True)
+    table = Table("VM", "best", f"round {plan.round}", *(p.name for p in plan.proxies), title="Access tiers")
     for v in data["vms"]:
         if "skipped" in v:
-            table.add_row(v["vm"], "skipped", v["skipped"], *("" for _ in plan.proxies))
+            table.add_row(v["vm"], "skip", v["skipped"], *("" for _ in plan.proxies))
             continue
-        cells = []
-        for p in plan.proxies:
-            c = v["proxies"][p.name]
-            cells.append(f"{c['tier']} {c['mode']}\n{c['reason']}" if c["tier"] else f"-\n{c['reason']}")
+        cells = [f"{c['tier']} {c['mode']}" if c["tier"] else "-" for c in (v["proxies"][p.name] for p in plan.proxies)]
         table.add_row(v["vm"], v["best_tier"] or "none", ", ".join(v["eligible"]) or "NONE", *cells)
     out.print(table)
+    out.print("[bold]Why[/]" + (" (every pair)" if args.explain else f" (proxies eligible in round {plan.round})"))
+    for v in data["vms"]:
+        if "skipped" in v:
+            continue
+        shown = v["proxies"] if args.explain else {p: v["proxies"][p] for p in v["eligible"]}
+        for proxy, c in shown.items():
+            out.print(f"  {v['vm']} -> {proxy}: {c['mode'] or 'no access'}: {c['reason']}", soft_wrap=True)
     modes = Counter(c.mode or "no access" for c in plan.table.entries.values())
     out.print("pairs by mode: " + ", ".join(f"{n} {m}" for m, n in sorted(modes.items())))
     if data["unprotected"]:
