@@ -138,7 +138,7 @@ def _host(ref: Any, p: dict[str, Any], clusters: dict[str, str], datastores: dic
     )
 
 
-def _datastore(ref: Any, p: dict[str, Any], hosts: dict[str, str]) -> Datastore:
+def _datastore(ref: Any, p: dict[str, Any], hosts: dict[str, str], local_luns: set[str]) -> Datastore:
     summary, info = p.get("summary"), p.get("info")
     ds_type = str(summary.type) if summary else ""
     extents: tuple[str, ...] = ()
@@ -146,7 +146,9 @@ def _datastore(ref: Any, p: dict[str, Any], hosts: dict[str, str]) -> Datastore:
     kind = DatastoreKind.OTHER
     if isinstance(info, vim.host.VmfsDatastoreInfo) and info.vmfs is not None:
         extents = tuple(e.diskName for e in info.vmfs.extent or [])
-        local = bool(info.vmfs.local) or (summary is not None and summary.multipleHostAccess is False)
+        # vSphere 6.5+ flags local VMFS volumes; older hosts: every extent is a host-local disk.
+        local = bool(info.vmfs.local) or (info.vmfs.local is None and bool(extents)
+                                          and all(e in local_luns for e in extents))
         kind = DatastoreKind.LOCAL if local else DatastoreKind.VMFS
     elif isinstance(info, vim.host.NasDatastoreInfo) and info.nas is not None:
         kind = DatastoreKind.NFS
@@ -246,7 +248,8 @@ def discover(session: Session, *, tags: Any | None = None) -> Inventory:
     hosts = tuple(sorted((_host(o.ref, o.props, clusters, ds_names) for o in objects[vim.HostSystem]),
                          key=lambda h: h.name))
     host_cluster = {h.moref: h.cluster for h in hosts}
-    datastores = tuple(sorted((_datastore(o.ref, o.props, host_names) for o in objects[vim.Datastore]),
+    local_luns = {lun.name for h in hosts for lun in h.luns if lun.local}
+    datastores = tuple(sorted((_datastore(o.ref, o.props, host_names, local_luns) for o in objects[vim.Datastore]),
                               key=lambda d: d.name))
     cluster_list = tuple(sorted(
         (Cluster(moref=o.ref._moId, name=o.props["name"],

@@ -42,7 +42,8 @@ def test_a_url_without_path_gets_sdk() -> None:
 
 @pytest.mark.parametrize(("edit", "expected"), [
     (lambda d: d["proxies"][1].update(kind="vmm"), "proxies[1].kind: Input should be 'vm' or 'physical' (got 'vmm')"),
-    (lambda d: d["proxies"][1].update(luns=["sda"]), "proxies[1].luns: 'sda' is not a LUN canonical name"),
+    (lambda d: d["proxies"][1].update(luns=["sda"]),
+     "proxies[1].luns[0]: must be a LUN canonical name (naa.*, eui.* or t10.*) (got 'sda')"),
     (lambda d: d["proxies"][1].pop("cpus"), "proxies[1]: a physical proxy needs cpus and ram_mb"),
     (lambda d: d["proxies"][1].update(cpus=0), "proxies[1].cpus: Input should be greater than or equal to 1 (got 0)"),
     (lambda d: d["proxies"][0].update(luns=[LUN]), "proxies[0]: luns: a VM proxy's LUNs come from vCenter"),
@@ -53,8 +54,10 @@ def test_a_url_without_path_gets_sdk() -> None:
     (lambda d: d["vcenter"].update(pasword="x"), "vcenter.pasword: Extra inputs are not permitted (got 'x')"),
     (lambda d: d["job"]["select"].update(tags=["gold"]), "job.select.tags: tag 'gold' is not of the form"),
     (lambda d: d["job"].update(select={}), "job.select: select at least one of"),
+    (lambda d: d["job"].update(name="night ly"), "job.name: must be 1-80 letters, digits, '.', '_' or '-' (got"),
     (lambda d: d["job"].update(proxies=["nope"]), "job.proxies: 'nope' is not one of the configured proxies"),
-    (lambda d: d["proxies"][1].update(nfs_exports=["nas"]), "'nas' is not an NFS export of the form host:/path"),
+    (lambda d: d["proxies"][1].update(nfs_exports=["nas"]),
+     "proxies[1].nfs_exports[0]: must be an NFS export of the form host:/path (got 'nas')"),
 ])
 def test_bad_values_name_the_field_and_value(edit: Any, expected: str) -> None:
     data = valid()

@@ -15,7 +15,16 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vsphere_proxy.model import Tag
 
@@ -26,6 +35,20 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased as one line for the user."""
+
+
+def _matching(pattern: re.Pattern[str], must: str) -> AfterValidator:
+    def check(v: str) -> str:
+        if not pattern.match(v):
+            raise ValueError(must)
+        return v
+
+    return AfterValidator(check)
+
+
+Name = Annotated[str, _matching(NAME, "must be 1-80 letters, digits, '.', '_' or '-'")]
+LunName = Annotated[str, _matching(LUN_NAME, "must be a LUN canonical name (naa.*, eui.* or t10.*)")]
+NfsExport = Annotated[str, _matching(NFS_EXPORT, "must be an NFS export of the form host:/path")]
 
 
 class _Strict(BaseModel):
@@ -96,37 +119,14 @@ class VCenterConfig(_Strict):
 
 
 class ProxyConfig(_Strict):
-    name: str
+    name: Name
     kind: Literal["vm", "physical"]
     cpus: Annotated[int, Field(ge=1, le=4096)] | None = None  # physical only: VM proxies read theirs from vCenter
     ram_mb: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
-    luns: list[str] = []  # physical only: LUNs its agent reports as visible
-    nfs_exports: list[str] = []  # host:/path exports it can mount (direct NFS)
+    luns: list[LunName] = []  # physical only: LUNs its agent reports as visible
+    nfs_exports: list[NfsExport] = []  # host:/path exports it can mount (direct NFS)
     vsda_active: bool = True
     nbd: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME.match(v):
-            raise ValueError("must be 1-80 letters, digits, '.', '_' or '-'")
-        return v
-
-    @field_validator("luns")
-    @classmethod
-    def _luns(cls, v: list[str]) -> list[str]:
-        for lun in v:
-            if not LUN_NAME.match(lun):
-                raise ValueError(f"{lun!r} is not a LUN canonical name (naa.*, eui.* or t10.*)")
-        return v
-
-    @field_validator("nfs_exports")
-    @classmethod
-    def _exports(cls, v: list[str]) -> list[str]:
-        for export in v:
-            if not NFS_EXPORT.match(export):
-                raise ValueError(f"{export!r} is not an NFS export of the form host:/path")
-        return v
 
     @model_validator(mode="after")
     def _by_kind(self) -> ProxyConfig:
@@ -162,16 +162,9 @@ class Selection(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str = "backup"
+    name: Name = "backup"
     select: Selection
     proxies: list[str] | None = None  # the proxies this job may use; default all
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME.match(v):
-            raise ValueError("must be 1-80 letters, digits, '.', '_' or '-'")
-        return v
 
 
 class Config(_Strict):
