@@ -1,0 +1,119 @@
+"""The coordinator's proxy-assignment blocks (US 9563514), pure: no I/O, no clock, no vSphere.
+
+Each block of the patent is a top-level function named after it:
+`max_streams` (FIG. 5), `eligible_proxies` (FIG. 6, in `vsphere_proxy.tiers`), `priority_list` (FIG. 4),
+`next_available_proxy` (FIG. 7), `datastore_score` and `pick_vm` (FIG. 3, blocks 306-312).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from vsphere_proxy.ledger import Ledger
+from vsphere_proxy.model import Proxy
+from vsphere_proxy.tiers import eligible_proxies
+
+__all__ = [
+    "Pick",
+    "PriorityEntry",
+    "StreamFormula",
+    "datastore_score",
+    "eligible_proxies",
+    "max_streams",
+    "next_available_proxy",
+    "pick_vm",
+    "priority_list",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFormula:
+    """Per-proxy stream limit: min(per_cpu x cpus, ram_mb // mb_per_stream) (DESIGN §4, configurable)."""
+
+    per_cpu: int = 10
+    mb_per_stream: int = 100
+
+    def __call__(self, proxy: Proxy) -> int:
+        return max(0, min(self.per_cpu * proxy.cpus, proxy.ram_mb // self.mb_per_stream))
+
+
+DEFAULT_FORMULA = StreamFormula()
+
+
+def max_streams(proxy: Proxy, formula: Callable[[Proxy], int] = DEFAULT_FORMULA) -> int:
+    """The most data streams `proxy` may hold at once across all jobs (US 9563514 FIG. 5).
+
+    A proxy whose limit is 0 is never used.
+    """
+    return formula(proxy)
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityEntry:
+    vm: str
+    eligible: tuple[str, ...]  # proxy names
+    total_bytes: int
+    datastores: tuple[str, ...]
+
+
+def priority_list(entries: Iterable[PriorityEntry]) -> list[PriorityEntry]:
+    """Order VMs for backup (US 9563514 FIG. 4, blocks 402-412): increasing number of eligible proxies,
+    ties by decreasing total allocated storage, then by name for determinism."""
+    return sorted(entries, key=lambda e: (len(e.eligible), -e.total_bytes, e.vm))
+
+
+def datastore_score(datastores: Collection[str], ledger: Ledger) -> int:
+    """Datastore activity score (US 9563514 FIG. 3, block 308): the active streams on the busiest of the
+    VM's datastores, across every job. 0 means every datastore of the VM is idle."""
+    return max((ledger.datastore_active(ds) for ds in datastores), default=0)
+
+
+def next_available_proxy(candidates: Iterable[Proxy], ledger: Ledger, limits: Mapping[str, int]) -> Proxy | None:
+    """The candidate with the lowest stream utilization = active streams / max_streams, across all jobs
+    (US 9563514 FIG. 7, blocks 702-710); ties by name. Proxies at their limit (or with limit 0) are skipped."""
+    best: tuple[float, str] | None = None
+    chosen = None
+    for proxy in candidates:
+        limit = limits.get(proxy.name, 0)
+        active = ledger.proxy_active(proxy.name)
+        if limit <= 0 or active >= limit:
+            continue
+        key = (active / limit, proxy.name)
+        if best is None or key < best:
+            best, chosen = key, proxy
+    return chosen
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    entry: PriorityEntry | None
+    threshold: int  # the threshold in force when the VM was picked
+    raises: int  # how many times the threshold was raised to find it
+    skipped: tuple[tuple[str, str], ...] = ()  # (vm, reason) passed over on the way
+
+
+def pick_vm(proxy: str, plist: Sequence[PriorityEntry], ledger: Ledger, threshold: int, cap: int) -> Pick:
+    """Walk the priority list for `proxy` (US 9563514 FIG. 3, blocks 306-312).
+
+    Take the first VM the proxy is eligible for whose datastore score is below the threshold. If every
+    eligible VM is at or over it, raise the threshold by one (up to `cap`) and walk again. Returns an
+    empty pick when the proxy is eligible for none, or every eligible VM stays over the capped threshold.
+    """
+    mine = [e for e in plist if proxy in e.eligible]
+    skipped = tuple((e.vm, f"{proxy} not eligible") for e in plist if proxy not in e.eligible)
+    if not mine:
+        return Pick(None, threshold, 0, skipped)
+    scores = [(e, datastore_score(e.datastores, ledger)) for e in mine]
+    current, raises = threshold, 0
+    while True:
+        for entry, score in scores:
+            if score < current:
+                busy = tuple((e.vm, f"datastore score {s} >= threshold {current}") for e, s in scores
+                             if e is not entry and s >= current and mine.index(e) < mine.index(entry))
+                return Pick(entry, current, raises, skipped + busy)
+        if current >= cap:
+            busy = tuple((e.vm, f"datastore score {s} >= threshold {current} (cap)") for e, s in scores)
+            return Pick(None, current, raises, skipped + busy)
+        current += 1
+        raises += 1
