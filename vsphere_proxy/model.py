@@ -202,9 +202,17 @@ class Inventory:
     def vm_by_name(self) -> dict[str, VM]:
         return {v.name: v for v in self.vms}
 
+    @cached_property
+    def _paths_by_lun(self) -> dict[str, list[tuple[str, LunPath]]]:
+        index: dict[str, list[tuple[str, LunPath]]] = {}
+        for h in self.hosts:
+            for hl in h.luns:
+                index.setdefault(hl.name, []).extend((h.name, p) for p in hl.paths)
+        return index
+
     def lun_paths(self, lun: str) -> list[tuple[str, LunPath]]:
         """Every (host name, path) to a LUN across the inventory."""
-        return [(h.name, p) for h in self.hosts for hl in h.luns if hl.name == lun for p in hl.paths]
+        return list(self._paths_by_lun.get(lun, ()))
 
 
 @dataclass(frozen=True, slots=True)

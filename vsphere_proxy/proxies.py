@@ -44,10 +44,11 @@ def resolve_proxies(configs: list[ProxyConfig], inventory: Inventory) -> list[Pr
         if vm is None:
             raise ConfigError(f"proxies[{i}].name: no VM named {pc.name!r} in vCenter (got {pc.name!r})")
         host = inventory.host_by_name.get(vm.host)
-        powered = vm.power_state == "poweredOn"
-        connected = host is None or host.connection_state == "connected"
-        down = "" if powered and connected else ("VM is " + vm.power_state if not powered else
-                                                 f"host {vm.host} is {host.connection_state if host else '?'}")
+        down = ""
+        if vm.power_state != "poweredOn":
+            down = f"VM is {vm.power_state}"
+        elif host is not None and host.connection_state != "connected":
+            down = f"host {host.name} is {host.connection_state}"
         proxies.append(Proxy(
             name=pc.name, kind=ProxyKind.VM, cpus=pc.cpus or vm.cpus, ram_mb=pc.ram_mb or vm.memory_mb,
             alive=not down, down_reason=down, vsda_active=pc.vsda_active, host=vm.host, cluster=vm.cluster,

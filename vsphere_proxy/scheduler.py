@@ -107,11 +107,11 @@ def pick_vm(proxy: str, plist: Sequence[PriorityEntry], ledger: Ledger, threshol
     scores = [(e, datastore_score(e.datastores, ledger)) for e in mine]
     current, raises = threshold, 0
     while True:
+        busy: list[tuple[str, str]] = []
         for entry, score in scores:
             if score < current:
-                busy = tuple((e.vm, f"datastore score {s} >= threshold {current}") for e, s in scores
-                             if e is not entry and s >= current and mine.index(e) < mine.index(entry))
-                return Pick(entry, current, raises, skipped + busy)
+                return Pick(entry, current, raises, skipped + tuple(busy))
+            busy.append((entry.vm, f"datastore score {score} >= threshold {current}"))
         if current >= cap:
             busy = tuple((e.vm, f"datastore score {s} >= threshold {current} (cap)") for e, s in scores)
             return Pick(None, current, raises, skipped + busy)

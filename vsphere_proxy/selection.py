@@ -24,7 +24,7 @@ def _in_folder(vm: VM, folder: str) -> bool:
 def select_vms(inventory: Inventory, selection: Selection, proxies: set[str] | None = None) -> list[Selected]:
     """Every VM matching the selection, sorted by name; those not to back up carry a `skip` reason
     (templates, the job's own proxy VMs, exclusions), so nothing is left out silently."""
-    tags = {Tag.parse(t) for t in selection.tags}
+    tags = sorted({Tag.parse(t) for t in selection.tags})
     chosen = []
     for vm in inventory.vms:
         because = (
@@ -32,7 +32,7 @@ def select_vms(inventory: Inventory, selection: Selection, proxies: set[str] | N
             or next((f"folder /{f.strip('/')}" for f in selection.folders if _in_folder(vm, f)), None)
             or next((f"cluster {c}" for c in selection.clusters if vm.cluster == c), None)
             or next((f"datastore {d}" for d in selection.datastores if d in vm.datastores), None)
-            or next((f"tag {t}" for t in sorted(tags) if t in vm.tags), None)
+            or next((f"tag {t}" for t in tags if t in vm.tags), None)
         )
         if not because:
             continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
 
 from vsphere_proxy.model import VM, Datastore, DatastoreKind, Inventory, Proxy, ProxyKind
 
@@ -142,16 +143,25 @@ class TierTable:
 
     entries: dict[tuple[str, str], Classification]
 
+    @cached_property
+    def _by_vm(self) -> dict[str, list[Classification]]:
+        index: dict[str, list[Classification]] = {}
+        for (vm, _), c in self.entries.items():
+            index.setdefault(vm, []).append(c)
+        for classifications in index.values():
+            classifications.sort(key=lambda c: c.proxy)
+        return index
+
     def for_vm(self, vm: str) -> list[Classification]:
-        return sorted((c for (v, _), c in self.entries.items() if v == vm), key=lambda c: c.proxy)
+        return list(self._by_vm.get(vm, ()))
 
     def best_tier(self, vm: str) -> Tier | None:
-        tiers = [c.tier for c in self.for_vm(vm) if c.tier is not None]
+        tiers = [c.tier for c in self._by_vm.get(vm, ()) if c.tier is not None]
         return min(tiers) if tiers else None
 
     @property
     def vms(self) -> list[str]:
-        return sorted({v for v, _ in self.entries})
+        return sorted(self._by_vm)
 
 
 def tier_table(vms: Iterable[VM], proxies: Sequence[Proxy], inventory: Inventory) -> TierTable:
