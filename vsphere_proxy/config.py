@@ -11,7 +11,7 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -26,7 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from vsphere_proxy.coordinator import DiskStreams, Policy
 from vsphere_proxy.model import Tag
+from vsphere_proxy.scheduler import StreamFormula
 
 LUN_NAME = re.compile(r"^(naa|eui|t10)\.[0-9A-Za-z_.-]+$")
 NFS_EXPORT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:/\S*$")
@@ -53,6 +55,9 @@ NfsExport = Annotated[str, _matching(NFS_EXPORT, "must be an NFS export of the f
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Credentials(_Strict):
@@ -161,10 +166,33 @@ class Selection(_Strict):
         return self
 
 
+class PolicyConfig(_Strict):
+    """The job's storage policy (DESIGN §4): stream limits, datastore threshold, disk streams, rounds."""
+
+    max_streams: Annotated[int, Field(ge=1, le=100_000)] | None = None  # default 2 x distinct datastores
+    threshold: Annotated[int, Field(ge=1, le=1000)] = 1
+    datastore_cap: Annotated[int, Field(ge=1, le=1000)] = 4
+    disk_streams: Literal["auto", "off"] = "auto"
+    rounds: Annotated[int, Field(ge=1, le=10)] = 3
+    streams_per_cpu: Annotated[int, Field(ge=1, le=1000)] = 10
+    mb_per_stream: Annotated[int, Field(ge=1, le=1 << 20)] = 100
+
+    @model_validator(mode="after")
+    def _cap(self) -> PolicyConfig:
+        if self.datastore_cap < self.threshold:
+            raise ValueError(f"datastore_cap: must be >= threshold {self.threshold} (got {self.datastore_cap})")
+        return self
+
+    def to_policy(self) -> Policy:
+        return Policy(self.max_streams, self.threshold, self.datastore_cap, DiskStreams(self.disk_streams),
+                      self.rounds, StreamFormula(self.streams_per_cpu, self.mb_per_stream))
+
+
 class JobConfig(_Strict):
     name: Name = "backup"
     select: Selection
     proxies: list[str] | None = None  # the proxies this job may use; default all
+    policy: PolicyConfig = PolicyConfig()
 
 
 class Config(_Strict):
@@ -203,9 +231,10 @@ def _location(loc: tuple[Any, ...], data: Any) -> tuple[str, Any]:
     return text, value
 
 
-def parse_config(data: Any, source: str = "config") -> Config:
+def validate(model: type[M], data: Any, source: str) -> M:
+    """Validate `data` as `model`; the first problem becomes one line: `source: loc: message (got value)`."""
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc, value = _location(tuple(p for p in err["loc"] if p not in ("function-after",)), data)
@@ -215,8 +244,12 @@ def parse_config(data: Any, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {where}{msg}{got}") from None
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a configuration file; every problem is a one-line ConfigError."""
+def parse_config(data: Any, source: str = "config") -> Config:
+    return validate(Config, data, source)
+
+
+def read_yaml_mapping(path: Path, expected: str) -> dict[str, Any]:
+    """Read a YAML (or JSON) file holding one mapping; every problem is a one-line ConfigError."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -229,5 +262,10 @@ def load_config(path: Path) -> Config:
         problem = getattr(e, "problem", None) or "syntax error"
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with vcenter, proxies and job")
-    return parse_config(data, str(path))
+        raise ConfigError(f"{path}: expected a mapping with {expected}")
+    return data
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a configuration file; every problem is a one-line ConfigError."""
+    return parse_config(read_yaml_mapping(path, "vcenter, proxies and job"), str(path))

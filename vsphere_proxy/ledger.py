@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 
@@ -31,6 +31,9 @@ class Ledger(Protocol):
 
     def release(self, stream_id: str) -> Stream | None:
         """Give a stream back; releasing an unknown or already released stream is a no-op (None)."""
+
+    def narrow(self, stream_id: str, datastores: Collection[str]) -> Stream | None:
+        """Stop counting a stream on datastores it will no longer read (keeps the intersection; never adds)."""
 
     def proxy_active(self, proxy: str) -> int: ...
 
@@ -73,6 +76,17 @@ class InMemoryLedger:
             self._job[stream.job] -= 1
             for ds in set(stream.datastores):
                 self._datastore[ds] -= 1
+            return stream
+
+    def narrow(self, stream_id: str, datastores: Collection[str]) -> Stream | None:
+        with self._lock:
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                return None
+            keep = tuple(ds for ds in dict.fromkeys(stream.datastores) if ds in datastores)
+            for ds in set(stream.datastores) - set(keep):
+                self._datastore[ds] -= 1
+            stream = self._streams[stream_id] = replace(stream, datastores=keep)
             return stream
 
     def proxy_active(self, proxy: str) -> int:

@@ -7,7 +7,7 @@ Each block of the patent is a top-level function named after it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
 
 from vsphere_proxy.ledger import Ledger
@@ -52,7 +52,7 @@ def max_streams(proxy: Proxy, formula: Callable[[Proxy], int] = DEFAULT_FORMULA)
 @dataclass(frozen=True, slots=True)
 class PriorityEntry:
     vm: str
-    eligible: tuple[str, ...]  # proxy names
+    eligible: Collection[str]  # proxy names (a frozenset when the list is long)
     total_bytes: int
     datastores: tuple[str, ...]
 
@@ -90,30 +90,43 @@ class Pick:
     entry: PriorityEntry | None
     threshold: int  # the threshold in force when the VM was picked
     raises: int  # how many times the threshold was raised to find it
-    skipped: tuple[tuple[str, str], ...] = ()  # (vm, reason) passed over on the way
+    skipped: tuple[tuple[str, str], ...] = ()  # (vm, reason) passed over on the way (when explaining)
+    score: int = 0  # the picked VM's datastore score
 
 
-def pick_vm(proxy: str, plist: Sequence[PriorityEntry], ledger: Ledger, threshold: int, cap: int) -> Pick:
+def pick_vm(proxy: str, plist: Iterable[PriorityEntry], ledger: Ledger, threshold: int, cap: int, *,
+            skip: Container[str] = frozenset(), explain: bool = True) -> Pick:
     """Walk the priority list for `proxy` (US 9563514 FIG. 3, blocks 306-312).
 
     Take the first VM the proxy is eligible for whose datastore score is below the threshold. If every
     eligible VM is at or over it, raise the threshold by one (up to `cap`) and walk again. Returns an
     empty pick when the proxy is eligible for none, or every eligible VM stays over the capped threshold.
+    VMs named in `skip` (already started) are ignored.
+
+    The walk is done once: raising the threshold step by step until some VM is below it picks the first
+    VM with the lowest score, at threshold = that score + 1.
     """
-    mine = [e for e in plist if proxy in e.eligible]
-    skipped = tuple((e.vm, f"{proxy} not eligible") for e in plist if proxy not in e.eligible)
-    if not mine:
-        return Pick(None, threshold, 0, skipped)
-    scores = [(e, datastore_score(e.datastores, ledger)) for e in mine]
-    current, raises = threshold, 0
-    while True:
-        busy: list[tuple[str, str]] = []
-        for entry, score in scores:
-            if score < current:
-                return Pick(entry, current, raises, skipped + tuple(busy))
-            busy.append((entry.vm, f"datastore score {score} >= threshold {current}"))
-        if current >= cap:
-            busy = tuple((e.vm, f"datastore score {s} >= threshold {current} (cap)") for e, s in scores)
-            return Pick(None, current, raises, skipped + busy)
-        current += 1
-        raises += 1
+    skipped: list[tuple[str, str]] = []
+    lowest: tuple[int, PriorityEntry] | None = None
+    for entry in plist:
+        if entry.vm in skip:
+            continue
+        if proxy not in entry.eligible:
+            if explain:
+                skipped.append((entry.vm, f"{proxy} not eligible"))
+            continue
+        score = datastore_score(entry.datastores, ledger)
+        if score < threshold:
+            return Pick(entry, threshold, 0, tuple(skipped), score)
+        if explain:
+            skipped.append((entry.vm, f"datastore score {score} >= threshold {threshold}"))
+        if lowest is None or score < lowest[0]:
+            lowest = (score, entry)
+    if lowest is None:
+        return Pick(None, threshold, 0, tuple(skipped))
+    score, entry = lowest
+    if score + 1 > cap:
+        if explain:
+            skipped = [(vm, f"{why} (cap {cap})") if why.startswith("datastore") else (vm, why) for vm, why in skipped]
+        return Pick(None, threshold, 0, tuple(skipped))
+    return Pick(entry, score + 1, score + 1 - threshold, tuple(skipped), score)

@@ -1,0 +1,734 @@
+"""The coordinator: a job's rounds driven one event at a time through the patent's blocks (DESIGN §4).
+
+Pure and event-driven. An engine (embedded threads, Celery workers, the simulator) calls `start()`, then
+`on_disk_done`, `on_complete`, `on_proxy_down` as things happen, and executes the `Assignment`s each call
+returns. The coordinator never sleeps, polls or does I/O; the `Ledger` is the only state it shares with other
+jobs. When another job releases streams, the engine calls `schedule()` to let this job use them.
+
+The executor's side of the contract: every `Assignment` names one disk of one VM attempt to read on one stream.
+Report each disk read with `on_disk_done` (the same stream may be handed the VM's next disk), and end the
+attempt with `on_complete(vm, ok, error)`; a failed attempt strands the VM until the next round.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from vsphere_proxy.ledger import Ledger, Stream
+from vsphere_proxy.model import VM, Proxy
+from vsphere_proxy.scheduler import (
+    DEFAULT_FORMULA,
+    PriorityEntry,
+    datastore_score,
+    next_available_proxy,
+    pick_vm,
+    priority_list,
+)
+from vsphere_proxy.tiers import LAST_TIER, Tier, TierTable, allowed_tier
+
+__all__ = [
+    "Assignment",
+    "Coordinator",
+    "Decision",
+    "DiskStreams",
+    "Job",
+    "JobReport",
+    "Policy",
+    "VmOutcome",
+    "VmStatus",
+    "WorkDisk",
+    "WorkVM",
+]
+
+
+class DiskStreams(StrEnum):
+    AUTO = "auto"  # spare job streams read further disks of running VMs
+    OFF = "off"  # one stream per VM
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A job's storage policy: the limits and knobs of its scheduling."""
+
+    max_streams: int | None = None  # job limit; None = 2 x distinct datastores in the job
+    threshold: int = 1  # datastore score a VM must be below; 1 = only idle datastores
+    datastore_cap: int = 4  # the threshold is never raised past this: streams per datastore, all jobs
+    disk_streams: DiskStreams = DiskStreams.AUTO
+    rounds: int = int(LAST_TIER)  # round k admits tiers <= k; after the last round leftovers are reported
+    formula: Callable[[Proxy], int] = DEFAULT_FORMULA  # per-proxy stream limit
+
+    def __post_init__(self) -> None:
+        if self.max_streams is not None and self.max_streams < 1:
+            raise ValueError(f"max_streams: must be 1 or more (got {self.max_streams})")
+        if self.threshold < 1:
+            raise ValueError(f"threshold: must be 1 or more (got {self.threshold})")
+        if self.datastore_cap < self.threshold:
+            raise ValueError(f"datastore_cap: must be >= threshold {self.threshold} (got {self.datastore_cap})")
+        if self.rounds < 1:
+            raise ValueError(f"rounds: must be 1 or more (got {self.rounds})")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkDisk:
+    index: int
+    bytes: int
+    datastore: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkVM:
+    """A VM as the scheduler sees it: a name and the disks to read."""
+
+    name: str
+    disks: tuple[WorkDisk, ...]
+
+    @property
+    def datastores(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(d.datastore for d in self.disks))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.bytes for d in self.disks)
+
+    @classmethod
+    def from_vm(cls, vm: VM) -> WorkVM:
+        """The disks a backup reads: every disk but physical-mode RDMs (which snapshots cannot capture)."""
+        disks = [d for d in vm.disks if d.backing != "rdm-physical"]
+        return cls(vm.name, tuple(WorkDisk(i, d.capacity_bytes, d.datastore) for i, d in enumerate(disks)))
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    vms: tuple[WorkVM, ...]
+    table: TierTable
+    proxies: tuple[Proxy, ...]
+    policy: Policy = field(default_factory=Policy)
+
+    @property
+    def limit(self) -> int:
+        """The job limit: the policy's max_streams, by default 2 x the distinct datastores of the job."""
+        if self.policy.max_streams is not None:
+            return self.policy.max_streams
+        return max(1, 2 * len({ds for vm in self.vms for ds in vm.datastores}))
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Read one disk of one VM attempt on one stream of one proxy."""
+
+    job: str
+    vm: str
+    proxy: str
+    mode: str
+    tier: Tier
+    round: int
+    attempt: int
+    stream: str
+    disk: int
+    disk_count: int
+    opens: bool  # first assignment of the attempt: the executor prepares the VM (snapshot)
+    extra: bool  # a disk stream beside the VM's first stream
+    datastore_score: int | None  # at assignment (None when the strategy ignores datastores)
+    threshold: int | None  # the threshold then in force
+    reason: str
+
+
+class VmStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    STRANDED = "stranded"  # waits for the next round
+    DONE = "done"
+    FAILED = "failed"  # stranded after the last round
+    UNPROTECTED = "unprotected"  # no proxy can reach it in any tier
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One scheduling verdict with its reason: what `plan --explain` and the report print."""
+
+    seq: int
+    round: int
+    verdict: str  # assign | disk-stream | skip | raise | wait | strand | done | round | proxy-down | job ...
+    vm: str | None
+    proxy: str | None
+    reason: str
+    scores: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VmOutcome:
+    vm: str
+    status: VmStatus
+    proxy: str | None
+    mode: str | None
+    tier: Tier | None
+    best_tier: Tier | None
+    round: int
+    attempts: int
+    bytes: int
+    error: str
+    fell_back: str  # "fell back from san to nbd: ..." when backed up below its best tier
+
+
+@dataclass(frozen=True)
+class JobReport:
+    job: str
+    status: str  # running | complete | partial | failed
+    rounds: int
+    limit: int
+    threshold_raises: int
+    vms: tuple[VmOutcome, ...]
+    strategy: str
+
+    def count(self, status: VmStatus) -> int:
+        return sum(1 for v in self.vms if v.status is status)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job, "status": self.status, "rounds": self.rounds, "job_limit": self.limit,
+            "threshold_raises": self.threshold_raises, "strategy": self.strategy,
+            "counts": {s.value: self.count(s) for s in VmStatus if self.count(s)},
+            "vms": [{"vm": v.vm, "status": v.status.value, "proxy": v.proxy, "mode": v.mode,
+                     "tier": int(v.tier) if v.tier else None, "round": v.round, "attempts": v.attempts,
+                     "bytes": v.bytes, "error": v.error, "fell_back": v.fell_back} for v in self.vms],
+        }
+
+
+@dataclass(slots=True)
+class _Run:
+    """The coordinator's mutable record of one VM."""
+
+    vm: WorkVM
+    status: VmStatus = VmStatus.PENDING
+    attempts: int = 0
+    round: int = 0
+    proxy: str | None = None
+    mode: str | None = None
+    tier: Tier | None = None
+    streams: dict[str, int] = field(default_factory=dict)  # stream id -> disk being read
+    opened: int = 0  # streams opened this attempt (for ids)
+    todo: list[int] = field(default_factory=list)  # disks not started, largest first
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A strategy's answer: start `entry` on `proxy`."""
+
+    proxy: Proxy
+    entry: PriorityEntry
+    threshold: int | None
+    raises: int
+    score: int | None
+    why: str
+
+
+class Strategy(Protocol):
+    """How the next (proxy, VM) pair of a round is chosen. The patent's is the product's; the others are the
+    baselines the simulator compares it with."""
+
+    name: str
+    uses_datastore_score: bool
+
+    def order(self, entries: Iterable[PriorityEntry]) -> list[PriorityEntry]: ...
+
+    def choose(self, c: Coordinator, tried: set[str]) -> Choice | None: ...
+
+
+class PatentStrategy:
+    """US 9563514 FIG. 3: next available proxy (lowest utilization), then the first VM of the priority list it
+    is eligible for whose datastore score is below the threshold (raised when every such VM is over it)."""
+
+    name = "scheduler"
+    uses_datastore_score = True
+
+    def order(self, entries: Iterable[PriorityEntry]) -> list[PriorityEntry]:
+        return priority_list(entries)
+
+    def choose(self, c: Coordinator, tried: set[str]) -> Choice | None:
+        while True:
+            proxy = next_available_proxy(c.candidates(tried), c.ledger, c.limits)
+            if proxy is None:
+                return None
+            pick = pick_vm(proxy.name, c.pending_for(proxy.name), c.ledger, c.threshold, c.job.policy.datastore_cap,
+                           skip=c.started, explain=c.explain)
+            if c.explain:
+                for vm, why in pick.skipped:
+                    c.record("skip", vm, proxy.name, why)
+            if pick.entry is None:
+                tried.add(proxy.name)
+                continue
+            active, limit = c.ledger.proxy_active(proxy.name), c.limits[proxy.name]
+            why = (f"{proxy.name} next available ({active}/{limit} streams); first VM in the priority list it can "
+                   f"back up ({len(pick.entry.eligible)} eligible proxies, {_size(pick.entry.total_bytes)}); "
+                   f"datastore score {pick.score} < threshold {pick.threshold}")
+            return Choice(proxy, pick.entry, pick.threshold, pick.raises, pick.score, why)
+
+
+class LeastLoadedStrategy:
+    """Baseline: VMs in job order, each to its least utilized eligible proxy; no priority list, no datastore
+    score."""
+
+    name = "least-loaded"
+    uses_datastore_score = False
+
+    def order(self, entries: Iterable[PriorityEntry]) -> list[PriorityEntry]:
+        return list(entries)
+
+    def choose(self, c: Coordinator, tried: set[str]) -> Choice | None:
+        free = {p.name for p in c.candidates(tried)}
+        if not free:
+            return None
+        for entry in c.pending():
+            proxy = next_available_proxy((c.proxy(n) for n in sorted(free.intersection(entry.eligible))),
+                                         c.ledger, c.limits)
+            if proxy is not None:
+                return Choice(proxy, entry, None, 0, None, f"{proxy.name} least loaded of {entry.vm}'s proxies")
+        return None
+
+
+class RoundRobinStrategy:
+    """Baseline: VMs in job order, each to the next proxy in rotation that it is eligible for and that has a
+    free stream."""
+
+    name = "round-robin"
+    uses_datastore_score = False
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def order(self, entries: Iterable[PriorityEntry]) -> list[PriorityEntry]:
+        return list(entries)
+
+    def choose(self, c: Coordinator, tried: set[str]) -> Choice | None:
+        free = {p.name for p in c.candidates(tried)}
+        if not free:
+            return None
+        ring = c.proxy_names
+        for entry in c.pending():
+            for step in range(len(ring)):
+                name = ring[(self._next + step) % len(ring)]
+                if name in free and name in entry.eligible:
+                    self._next = (self._next + step + 1) % len(ring)
+                    return Choice(c.proxy(name), entry, None, 0, None, f"{name} next in rotation")
+        return None
+
+
+STRATEGIES: dict[str, Callable[[], Strategy]] = {
+    "scheduler": PatentStrategy,
+    "round-robin": RoundRobinStrategy,
+    "least-loaded": LeastLoadedStrategy,
+}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+class Coordinator:
+    """Runs one job against a shared ledger (US 9563514 FIG. 3 and the rounds of FIG. 6)."""
+
+    def __init__(self, job: Job, ledger: Ledger, *, strategy: Strategy | None = None, explain: bool = False) -> None:
+        self.job = job
+        self.ledger = ledger
+        self.strategy: Strategy = strategy or PatentStrategy()
+        self.explain = explain
+        self.decisions: list[Decision] = []
+        self.limits = {p.name: job.policy.formula(p) for p in job.proxies}
+        self._proxies = {p.name: p for p in job.proxies}
+        self.proxy_names = sorted(self._proxies)
+        names = [vm.name for vm in job.vms]
+        if len(set(names)) != len(names):
+            dup = next(n for n, k in Counter(names).items() if k > 1)
+            raise ValueError(f"vms: {dup!r} appears twice in job {job.id}")
+        self._runs = {vm.name: _Run(vm) for vm in job.vms}
+        self._down: dict[str, str] = {p.name: f"down: {p.down_reason}" if p.down_reason else "down"
+                                      for p in job.proxies if not p.alive}
+        self.round = 0
+        self.threshold = job.policy.threshold
+        self.threshold_raises = 0
+        self.started: set[str] = set()  # VMs of the round no longer pending
+        self._plist: list[PriorityEntry] = []
+        self._by_proxy: dict[str, list[PriorityEntry]] = {}
+        self._compacted: dict[str, int] = {}
+        self._eligible_count: Counter[str] = Counter()
+        self._pending = 0
+        self._recheck = False
+        self._started = False
+        self._finished = False
+        self._waiting = ""
+
+    # ---- the engine's API -------------------------------------------------------------------------------
+
+    def start(self) -> list[Assignment]:
+        """Begin round 1 and return the first assignments."""
+        if self._started:
+            raise RuntimeError(f"job {self.job.id} already started")
+        self._started = True
+        for run in self._runs.values():
+            if not run.vm.disks:
+                self._set(run, VmStatus.UNPROTECTED, "no disk to back up")
+            elif self.job.table.best_tier(run.vm.name) is None:
+                self._set(run, VmStatus.UNPROTECTED, self._no_proxy_reason(run.vm.name, None))
+            else:
+                run.status = VmStatus.STRANDED  # so that round 1 picks it up
+        self._begin_round()
+        return self.schedule()
+
+    def schedule(self) -> list[Assignment]:
+        """Start whatever can start now (US 9563514 FIG. 3); call it when streams were released elsewhere."""
+        out: list[Assignment] = []
+        while self._started and not self._finished:
+            if self._recheck:
+                self._strand_unreachable()
+            out += self.run_round()
+            if self._pending or any(r.status is VmStatus.RUNNING for r in self._runs.values()):
+                break
+            if not self._begin_round():
+                self._finish()
+        return out
+
+    def on_disk_done(self, vm: str, disk: int, attempt: int | None = None) -> list[Assignment]:
+        """A stream finished reading `disk`: it goes on with the VM's next disk, or is released."""
+        run = self._live(vm, attempt)
+        if run is None:
+            return []
+        stream = next((s for s, d in run.streams.items() if d == disk), None)
+        if stream is None:
+            return []
+        if run.todo:
+            nxt = run.todo.pop(0)
+            run.streams[stream] = nxt
+            self._narrow(run)
+            return [self._assignment(run, stream, nxt, opens=False, extra=False, score=None, threshold=None,
+                                     reason=f"{stream} goes on with disk {nxt}")]
+        del run.streams[stream]
+        self._release(stream)
+        self._narrow(run)
+        return self.schedule()
+
+    def on_complete(self, vm: str, ok: bool, error: str = "", attempt: int | None = None) -> list[Assignment]:
+        """The attempt ended: success removes the VM from the job, failure strands it until the next round."""
+        run = self._live(vm, attempt)
+        if run is None:
+            return []
+        self._drop_streams(run)
+        if ok:
+            self._set(run, VmStatus.DONE, f"backed up by {run.proxy} ({run.mode}) in round {self.round}")
+        else:
+            run.error = error or "failed"
+            self._set(run, VmStatus.STRANDED, f"attempt {run.attempts} on {run.proxy} failed: {run.error}")
+        return self.schedule()
+
+    def on_proxy_down(self, proxy: str, reason: str = "") -> list[Assignment]:
+        """A proxy stopped answering: its VMs are stranded, its streams released, it takes nothing more."""
+        why = f"proxy {proxy} down" + (f": {reason}" if reason else "")
+        self._down[proxy] = f"down: {reason}" if reason else "down"
+        self.record("proxy-down", None, proxy, why)
+        for run in self._runs.values():
+            if run.status is VmStatus.RUNNING and run.proxy == proxy:
+                self._drop_streams(run)
+                run.error = why
+                self._set(run, VmStatus.STRANDED, why)
+        self._recheck = True
+        return self.schedule()
+
+    def on_proxy_up(self, proxy: str) -> list[Assignment]:
+        if self._down.pop(proxy, None) is not None:
+            self.record("proxy-up", None, proxy, f"proxy {proxy} is back")
+        return self.schedule()
+
+    @property
+    def done(self) -> bool:
+        return self._finished
+
+    def running(self) -> list[tuple[str, str, int]]:
+        """(stream, vm, disk) of every stream this job holds."""
+        return [(s, r.vm.name, d) for r in self._runs.values() for s, d in r.streams.items()]
+
+    def report(self) -> JobReport:
+        outcomes = []
+        for run in self._runs.values():
+            best = self.job.table.best_tier(run.vm.name)
+            fell_back = ""
+            if run.status is VmStatus.DONE and best is not None and run.tier is not None and run.tier > best:
+                fell_back = f"fell back from {best.label} to {run.tier.label}: {self._why_not_better(run, best)}"
+            error = "" if run.status is VmStatus.DONE else run.error
+            outcomes.append(VmOutcome(run.vm.name, run.status, run.proxy, run.mode, run.tier, best, run.round,
+                                      run.attempts, run.vm.total_bytes, error, fell_back))
+        statuses = Counter(o.status for o in outcomes)
+        if not self._finished:
+            status = "running"
+        elif statuses[VmStatus.DONE] == len(outcomes):
+            status = "complete"
+        elif statuses[VmStatus.DONE]:
+            status = "partial"
+        else:
+            status = "failed"
+        return JobReport(self.job.id, status, self.round, self.job.limit, self.threshold_raises,
+                         tuple(outcomes), self.strategy.name)
+
+    # ---- read by strategies --------------------------------------------------------------------------------
+
+    def proxy(self, name: str) -> Proxy:
+        return self._proxies[name]
+
+    def candidates(self, tried: set[str]) -> list[Proxy]:
+        """Proxies alive, not tried in this pass, eligible for a pending VM and below their stream limit."""
+        out = []
+        for name in self.proxy_names:
+            if name in tried or name in self._down or self._eligible_count[name] <= 0:
+                continue
+            if self.ledger.proxy_active(name) < self.limits[name]:
+                out.append(self._proxies[name])
+        return out
+
+    def pending(self) -> Iterable[PriorityEntry]:
+        return (e for e in self._plist if e.vm not in self.started)
+
+    def pending_for(self, proxy: str) -> list[PriorityEntry]:
+        """The round's priority list restricted to VMs `proxy` is eligible for (started ones are skipped)."""
+        entries = self._by_proxy.get(proxy, [])
+        if len(self.started) - self._compacted.get(proxy, 0) > len(entries) // 2:
+            entries = self._by_proxy[proxy] = [e for e in entries if e.vm not in self.started]
+            self._compacted[proxy] = len(self.started)
+        return entries
+
+    def record(self, verdict: str, vm: str | None, proxy: str | None, reason: str,
+               scores: Sequence[tuple[str, int]] = ()) -> None:
+        self.decisions.append(Decision(len(self.decisions), self.round, verdict, vm, proxy, reason, tuple(scores)))
+
+    # ---- the blocks ----------------------------------------------------------------------------------------
+
+    def run_round(self) -> list[Assignment]:
+        """One pass of the current round (US 9563514 FIG. 3, blocks 304-316): while the job has a free stream,
+        take the next available proxy and the VM it should back up; then give spare streams to further disks."""
+        out: list[Assignment] = []
+        tried: set[str] = set()
+        limit = self.job.limit
+        while self._pending:
+            if self.ledger.job_active(self.job.id) >= limit:
+                self._wait(f"job limit reached: {limit} streams in use")
+                break
+            choice = self.strategy.choose(self, tried)
+            if choice is None:
+                self._wait(f"{self._pending} VMs wait for a free stream on their proxies")
+                break
+            run = self._runs[choice.entry.vm]
+            stream = self._stream_id(run, run.attempts + 1)
+            if not self.ledger.acquire(Stream(stream, self.job.id, choice.proxy.name, run.vm.datastores),
+                                       self.limits[choice.proxy.name]):
+                tried.add(choice.proxy.name)  # another job took its last stream meanwhile
+                continue
+            if choice.raises:
+                self.threshold_raises += choice.raises
+                self.record("raise", choice.entry.vm, choice.proxy.name,
+                            f"every VM {choice.proxy.name} can back up is over threshold {self.threshold}: "
+                            f"raised to {choice.threshold}", (("threshold", choice.threshold or 0),))
+            if choice.threshold is not None:
+                self.threshold = choice.threshold
+            out.append(self._open(run, choice, stream))
+            self._waiting = ""
+        if self.job.policy.disk_streams is DiskStreams.AUTO:
+            out += self._disk_streams()
+        return out
+
+    def _open(self, run: _Run, choice: Choice, stream: str) -> Assignment:
+        name = run.vm.name
+        self.started.add(name)
+        self._pending -= 1
+        for proxy in choice.entry.eligible:
+            self._eligible_count[proxy] -= 1
+        c = self.job.table.get(name, choice.proxy.name)
+        assert c is not None and c.tier is not None and c.mode is not None
+        run.status, run.attempts, run.round = VmStatus.RUNNING, run.attempts + 1, self.round
+        run.proxy, run.mode, run.tier = choice.proxy.name, c.mode, c.tier
+        run.opened = 1
+        run.todo = [d.index for d in sorted(run.vm.disks, key=lambda d: (-d.bytes, d.index))]
+        disk = run.todo.pop(0)
+        run.streams = {stream: disk}
+        self._narrow(run)
+        reason = f"{choice.why}; {c.mode}: {c.reason}"
+        scores = [("utilization_pct", 100 * (self.ledger.proxy_active(choice.proxy.name) - 1)
+                   // max(1, self.limits[choice.proxy.name]))]
+        if choice.score is not None and choice.threshold is not None:
+            scores += [("datastore_score", choice.score), ("threshold", choice.threshold)]
+        self.record("assign", name, choice.proxy.name, reason, scores)
+        return self._assignment(run, stream, disk, opens=True, extra=False, score=choice.score,
+                                threshold=choice.threshold, reason=reason)
+
+    def _disk_streams(self) -> list[Assignment]:
+        """Spare streams read further disks of running VMs on the same proxy, largest remaining work first."""
+        spare = self.job.limit - self.ledger.job_active(self.job.id) - self._pending
+        if spare <= 0:
+            return []
+        running = [r for r in self._runs.values() if r.status is VmStatus.RUNNING and r.todo]
+        running.sort(key=lambda r: (-sum(r.vm.disks[i].bytes for i in r.todo), r.vm.name))
+        out: list[Assignment] = []
+        cap = self.job.policy.datastore_cap
+        for run in running:
+            while run.todo and spare > 0 and run.proxy not in self._down:
+                assert run.proxy is not None
+                score = threshold = None
+                if self.strategy.uses_datastore_score:
+                    score = datastore_score(run.vm.datastores, self.ledger)
+                    if score >= self.threshold:
+                        if score + 1 > cap:
+                            break
+                        self.threshold_raises += score + 1 - self.threshold
+                        self.record("raise", run.vm.name, run.proxy,
+                                    f"spare streams, every datastore over threshold {self.threshold}: "
+                                    f"raised to {score + 1}", (("threshold", score + 1),))
+                        self.threshold = score + 1
+                    threshold = self.threshold
+                stream = self._stream_id(run, run.attempts, run.opened)
+                if not self.ledger.acquire(Stream(stream, self.job.id, run.proxy, run.vm.datastores),
+                                           self.limits[run.proxy]):
+                    break
+                run.opened += 1
+                disk = run.todo.pop(0)
+                run.streams[stream] = disk
+                self._narrow(run)
+                spare -= 1
+                reason = (f"{spare + 1} spare job streams over {self._pending} pending VMs: disk {disk} of "
+                          f"{run.vm.name} on its own stream")
+                self.record("disk-stream", run.vm.name, run.proxy, reason,
+                            (("datastore_score", score), ("threshold", threshold)) if score is not None else ())
+                out.append(self._assignment(run, stream, disk, opens=False, extra=True, score=score,
+                                            threshold=threshold, reason=reason))
+        return out
+
+    def _begin_round(self) -> bool:
+        """The next round for the stranded VMs, with one more tier allowed (US 9563514 FIG. 6)."""
+        stranded = [r for r in self._runs.values() if r.status is VmStatus.STRANDED]
+        if not stranded or self.round >= self.job.policy.rounds:
+            return False
+        self.round += 1
+        entries = []
+        for run in stranded:
+            eligible = frozenset(c.proxy for c in self.job.table.eligible(run.vm.name, self.round))
+            entries.append(PriorityEntry(run.vm.name, eligible, run.vm.total_bytes, run.vm.datastores))
+            run.status = VmStatus.PENDING
+        self._plist = self.strategy.order(entries)
+        self._by_proxy, self._compacted = {}, {}
+        self._eligible_count = Counter()
+        for entry in self._plist:
+            for proxy in entry.eligible:
+                self._by_proxy.setdefault(proxy, []).append(entry)
+                self._eligible_count[proxy] += 1
+        self.started = set()
+        self._pending = len(entries)
+        self._recheck = True
+        self.threshold = self.job.policy.threshold
+        what = "each VM's best tier" if self.round == 1 else f"tiers up to {Tier(min(self.round, LAST_TIER)).label}"
+        self.record("round", None, None, f"round {self.round}: {len(entries)} VMs, {what}")
+        return True
+
+    def _strand_unreachable(self) -> None:
+        """Pending VMs none of whose eligible proxies can take a stream are stranded now, with the reasons."""
+        self._recheck = False
+        for entry in self._plist:
+            if entry.vm in self.started:
+                continue
+            if any(p not in self._down and self.limits.get(p, 0) > 0 for p in entry.eligible):
+                continue
+            run = self._runs[entry.vm]
+            self.started.add(entry.vm)
+            self._pending -= 1
+            for proxy in entry.eligible:
+                self._eligible_count[proxy] -= 1
+            run.error = self._no_proxy_reason(entry.vm, self.round)
+            self._set(run, VmStatus.STRANDED, run.error)
+
+    def _finish(self) -> None:
+        for run in self._runs.values():
+            if run.status is VmStatus.STRANDED:
+                self._set(run, VmStatus.FAILED, f"still stranded after round {self.round}: {run.error}")
+        self._finished = True
+        report = self.report()
+        counts = ", ".join(f"{report.count(s)} {s.value}" for s in VmStatus if report.count(s))
+        self.record("job", None, None, f"job {report.status} after {self.round} rounds: {counts}")
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+
+    def _no_proxy_reason(self, vm: str, round_number: int | None) -> str:
+        """'0/N proxies eligible: 2 no access, 1 down, ...' with the reasons counted (like a FitError)."""
+        best = self.job.table.best_tier(vm)
+        kinds: Counter[str] = Counter()
+        for p in self.proxy_names:
+            c = self.job.table.get(vm, p)
+            if c is None or c.tier is None:
+                kinds["no access"] += 1
+            elif round_number is not None and best is not None and c.tier > allowed_tier(best, round_number):
+                kinds[f"{c.mode} not before round {int(c.tier)}"] += 1
+            elif p in self._down:
+                kinds["down"] += 1
+            elif self.limits.get(p, 0) <= 0:
+                kinds["stream limit 0"] += 1
+            else:
+                kinds["eligible"] += 1
+        detail = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"0/{len(self.proxy_names)} proxies eligible: {detail}"
+
+    def _why_not_better(self, run: _Run, best: Tier) -> str:
+        better = [c for c in self.job.table.for_vm(run.vm.name) if c.tier is not None and c.tier < (run.tier or 0)]
+        parts = [f"{c.proxy} ({c.mode}) {self._down[c.proxy]}" for c in better if c.proxy in self._down]
+        if run.error:
+            parts.append(f"earlier attempt: {run.error}")
+        return "; ".join(parts) or f"no {best.label} proxy took it by round {run.round}"
+
+    def _live(self, vm: str, attempt: int | None) -> _Run | None:
+        run = self._runs.get(vm)
+        if run is None or run.status is not VmStatus.RUNNING:
+            return None
+        if attempt is not None and attempt != run.attempts:
+            return None  # a late report from an attempt already stranded
+        return run
+
+    def _narrow(self, run: _Run) -> None:
+        """A stream counts on the datastore it reads and on those of the VM's disks not started yet (any of its
+        streams may go on with them); datastores it is done with stop counting."""
+        ahead = {run.vm.disks[i].datastore for i in run.todo}
+        for stream, disk in run.streams.items():
+            self.ledger.narrow(stream, ahead | {run.vm.disks[disk].datastore})
+
+    def _drop_streams(self, run: _Run) -> None:
+        for stream in list(run.streams):
+            self._release(stream)
+        run.streams = {}
+        run.todo = []
+
+    def _release(self, stream: str) -> None:
+        if self.ledger.release(stream) is not None:
+            self.threshold = self.job.policy.threshold  # back to baseline (US 9563514 FIG. 3)
+
+    def _set(self, run: _Run, status: VmStatus, reason: str) -> None:
+        run.status = status
+        verdict = {VmStatus.DONE: "done", VmStatus.STRANDED: "strand", VmStatus.FAILED: "failed",
+                   VmStatus.UNPROTECTED: "unprotected"}.get(status, status.value)
+        if status is VmStatus.UNPROTECTED:
+            run.error = reason
+        self.record(verdict, run.vm.name, run.proxy, reason)
+
+    def _wait(self, why: str) -> None:
+        if why != self._waiting:
+            self._waiting = why
+            self.record("wait", None, None, why)
+
+    def _stream_id(self, run: _Run, attempt: int, n: int = 0) -> str:
+        return f"{self.job.id}/{run.vm.name}/{attempt}/{n}"
+
+    def _assignment(self, run: _Run, stream: str, disk: int, *, opens: bool, extra: bool, score: int | None,
+                    threshold: int | None, reason: str) -> Assignment:
+        assert run.proxy is not None and run.mode is not None and run.tier is not None
+        return Assignment(self.job.id, run.vm.name, run.proxy, run.mode, run.tier, self.round, run.attempts, stream,
+                          disk, len(run.vm.disks), opens, extra, score, threshold, reason)
