@@ -615,7 +615,7 @@ class Coordinator:
         self.round += 1
         entries = []
         for run in stranded:
-            eligible = frozenset(c.proxy for c in self.job.table.eligible(run.vm.name, self.round))
+            eligible = self.job.table.eligible_names(run.vm.name, self.round)
             entries.append(PriorityEntry(run.vm.name, eligible, run.vm.total_bytes, run.vm.datastores))
             run.status = VmStatus.PENDING
         self._plist = self.strategy.order(entries)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
+from operator import attrgetter
 
 from vsphere_proxy.model import VM, Datastore, DatastoreKind, Inventory, Proxy, ProxyKind
 
@@ -138,6 +139,9 @@ def classify_tier(vm: VM, proxy: Proxy, inventory: Inventory) -> Classification:
                                f"nbd disabled on {proxy.name}")
 
 
+_RANK = attrgetter("tier", "affinity", "proxy")
+
+
 @dataclass(frozen=True)
 class TierTable:
     """The classification of every (VM, proxy) pair of a job, the input of every round."""
@@ -145,22 +149,35 @@ class TierTable:
     entries: dict[tuple[str, str], Classification]
 
     @cached_property
+    def _index(self) -> tuple[dict[str, list[Classification]], dict[str, dict[int, list[str]]]]:
+        """One pass over the pairs: every verdict by VM, and the eligible proxies by VM and tier."""
+        by_vm: dict[str, list[Classification]] = {}
+        by_tier: dict[str, dict[int, list[str]]] = {}
+        for (vm, proxy), c in self.entries.items():
+            if vm in by_vm:
+                by_vm[vm].append(c)
+            else:
+                by_vm[vm], by_tier[vm] = [c], {}
+            if c.tier is not None:
+                tiers = by_tier[vm]
+                if c.tier in tiers:
+                    tiers[c.tier].append(proxy)
+                else:
+                    tiers[c.tier] = [proxy]
+        return by_vm, by_tier
+
+    @property
     def _by_vm(self) -> dict[str, list[Classification]]:
-        index: dict[str, list[Classification]] = {}
-        for (vm, _), c in self.entries.items():
-            index.setdefault(vm, []).append(c)
-        for classifications in index.values():
-            classifications.sort(key=lambda c: c.proxy)
-        return index
+        return self._index[0]
 
     @cached_property
-    def _ranked(self) -> dict[str, tuple[tuple[Classification, ...], tuple[int, ...]]]:
+    def _ranked(self) -> dict[str, tuple[list[Classification], list[int]]]:
         """Per VM: its eligible classifications best first (tier, affinity, proxy) and their tiers."""
         ranked = {}
         for vm, classifications in self._by_vm.items():
-            chosen = tuple(sorted((c for c in classifications if c.tier is not None),
-                                  key=lambda c: (c.tier, c.affinity, c.proxy)))
-            ranked[vm] = (chosen, tuple(int(c.tier) for c in chosen))  # type: ignore[arg-type]
+            chosen = [c for c in classifications if c.tier is not None]
+            chosen.sort(key=_RANK)
+            ranked[vm] = (chosen, [c.tier for c in chosen])
         return ranked
 
     @classmethod
@@ -172,21 +189,30 @@ class TierTable:
                     for vm, row in tiers.items() for proxy, tier in row.items()})
 
     def for_vm(self, vm: str) -> list[Classification]:
-        return list(self._by_vm.get(vm, ()))
+        """Every proxy's verdict for `vm`, by proxy name."""
+        return sorted(self._by_vm.get(vm, ()), key=lambda c: c.proxy)
 
     def get(self, vm: str, proxy: str) -> Classification | None:
         return self.entries.get((vm, proxy))
 
     def best_tier(self, vm: str) -> Tier | None:
-        tiers = self._ranked.get(vm, ((), ()))[1]
-        return Tier(tiers[0]) if tiers else None
+        tiers = self._index[1].get(vm)
+        return Tier(min(tiers)) if tiers else None
+
+    def eligible_names(self, vm: str, round_number: int) -> frozenset[str]:
+        """The names of the proxies `eligible` returns, unordered: what the scheduler needs, and cheaper."""
+        tiers = self._index[1].get(vm)
+        if not tiers:
+            return frozenset()
+        limit = allowed_tier(Tier(min(tiers)), round_number)
+        return frozenset(p for tier, names in tiers.items() if tier <= limit for p in names)
 
     def eligible(self, vm: str, round_number: int) -> tuple[Classification, ...]:
         """See `eligible_proxies`; a slice of a precomputed ranking, cheap enough for 10,000 x 200 pairs."""
         chosen, tiers = self._ranked.get(vm, ((), ()))
         if not tiers:
             return ()
-        return chosen[:bisect_right(tiers, allowed_tier(Tier(tiers[0]), round_number))]
+        return tuple(chosen[:bisect_right(tiers, allowed_tier(Tier(tiers[0]), round_number))])
 
     @property
     def vms(self) -> list[str]:

@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vsphere_proxy.cli import discover, plan
+from vsphere_proxy.cli import discover, plan, simulate
 from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 
-COMMANDS = (discover, plan)
+COMMANDS = (discover, plan, simulate)
 
 
 class _Parser(argparse.ArgumentParser):

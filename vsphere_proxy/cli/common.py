@@ -85,4 +85,8 @@ def emit_json(data: Any) -> None:
 
 
 def console() -> Console:
-    return Console(highlight=False)
+    """Rich output; when not on a terminal (a pipe, a log file) lines may be long rather than truncated."""
+    out = Console(highlight=False)
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out.width = 160
+    return out
