@@ -69,6 +69,27 @@ def test_plan_table(vcsim: Any) -> None:
     r = run("plan", "--config", str(vcsim.config_path))
     assert r.returncode == 0, r.stderr
     assert "Access tiers" in r.stdout and "pairs by mode:" in r.stdout
+    assert "Priority list" in r.stdout and "First assignments" in r.stdout and "Decisions" not in r.stdout
+
+
+def test_plan_predicts_the_first_wave_with_reasons(vcsim: Any) -> None:
+    r = run("plan", "--json", "--config", str(vcsim.config_path))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    vms = {v["vm"]: v for v in plan["vms"] if "skipped" not in v}
+    counts = [e["eligible"] for e in plan["priority_list"]]
+    assert counts == sorted(counts) and counts[0] == 1  # fewest eligible proxies first
+    assert plan["job_limit"] == 2 * len({ds for v in vms.values() for ds in v["datastores"]})
+    wave = plan["first_assignments"]
+    assert 0 < len(wave) <= plan["job_limit"]
+    for a in wave:
+        assert a["proxy"] in vms[a["vm"]]["eligible"], a
+        assert "next available" in a["reason"] or "spare job streams" in a["reason"]
+    verdicts = {d["verdict"] for d in plan["decisions"]}
+    assert {"round", "assign"} <= verdicts
+    explained = run("plan", "--explain", "--config", str(vcsim.config_path))
+    assert "Decisions" in explained.stdout and "round 1: " in explained.stdout
+    assert "datastore score 0 < threshold 1" in explained.stdout
 
 
 def test_credentials_from_the_environment(vcsim: Any, tmp_path: Path) -> None:

@@ -492,6 +492,11 @@ class Coordinator:
                 out.append(self._proxies[name])
         return out
 
+    @property
+    def priority(self) -> list[PriorityEntry]:
+        """The current round's list in the strategy's order (the priority list, for the patent's)."""
+        return list(self._plist)
+
     def pending(self) -> Iterable[PriorityEntry]:
         return (e for e in self._plist if e.vm not in self.started)
 

@@ -1,5 +1,6 @@
 """`vsphere-proxy plan`: a dry run. For every VM of the job: why it was selected, the tier, mode and
-reason of each proxy, and the proxies eligible in round 1. Nothing is changed in vCenter."""
+reason of each proxy, and the proxies eligible in round 1; then the priority list and the first wave of
+assignments the scheduler would make on idle proxies, each with its reason. Nothing is changed in vCenter."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from rich.table import Table
 
 from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json, read_config, vcenter
 from vsphere_proxy.config import Config, ConfigError
+from vsphere_proxy.coordinator import Assignment, Coordinator, Job, WorkVM
+from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.model import Inventory, Proxy
 from vsphere_proxy.proxies import resolve_proxies
 from vsphere_proxy.selection import Selected, select_vms
 from vsphere_proxy.tiers import TierTable, eligible_proxies, tier_table
 
-HELP = "dry run: the tier of every (VM, proxy) pair with its reason, and the proxies eligible in round 1"
+HELP = "dry run: access tiers with reasons, the priority list and the first assignments the scheduler would make"
 
 
 def build_parser(sub: Any) -> None:
@@ -25,7 +28,8 @@ def build_parser(sub: Any) -> None:
     p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--round", type=int, default=1, help="show eligibility for this round (default 1)")
-    p.add_argument("--explain", action="store_true", help="give the reason of every (VM, proxy) pair")
+    p.add_argument("--explain", action="store_true",
+                   help="give the reason of every (VM, proxy) pair and every scheduling decision")
     p.set_defaults(func=do_plan)
 
 
@@ -35,6 +39,8 @@ class Plan:
     proxies: list[Proxy]
     table: TierTable
     round: int
+    coordinator: Coordinator
+    first_wave: list[Assignment]
 
     def to_json(self) -> dict[str, Any]:
         vms = []
@@ -60,6 +66,14 @@ class Plan:
                          "nfs_exports": sorted(p.nfs_exports)} for p in self.proxies],
             "vms": vms,
             "unprotected": [v["vm"] for v in vms if "skipped" not in v and not v["eligible"]],
+            "job_limit": self.coordinator.job.limit,
+            "stream_limits": self.coordinator.limits,
+            "priority_list": [{"vm": e.vm, "eligible": len(e.eligible), "total_bytes": e.total_bytes}
+                              for e in self.coordinator.priority],
+            "first_assignments": [{"vm": a.vm, "proxy": a.proxy, "mode": a.mode, "disk": a.disk, "stream": a.stream,
+                                   "extra": a.extra, "reason": a.reason} for a in self.first_wave],
+            "decisions": [{"verdict": d.verdict, "vm": d.vm, "proxy": d.proxy, "reason": d.reason,
+                           "scores": dict(d.scores)} for d in self.coordinator.decisions],
         }
 
 
@@ -72,7 +86,11 @@ def make_plan(config: Config, inventory: Inventory, round_number: int = 1) -> Pl
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
     selected = select_vms(inventory, config.job.select, {p.name for p in proxies})
     table = tier_table((s.vm for s in selected if not s.skip), proxies, inventory)
-    return Plan(selected, proxies, table, round_number)
+    job = Job(config.job.name, tuple(WorkVM.from_vm(s.vm) for s in selected if not s.skip), table, tuple(proxies),
+              config.job.policy.to_policy())
+    coordinator = Coordinator(job, InMemoryLedger(), explain=True)
+    first_wave = coordinator.start()
+    return Plan(selected, proxies, table, round_number, coordinator, first_wave)
 
 
 def do_plan(args: argparse.Namespace) -> int:
@@ -106,4 +124,20 @@ def do_plan(args: argparse.Namespace) -> int:
     out.print("pairs by mode: " + ", ".join(f"{n} {m}" for m, n in sorted(modes.items())))
     if data["unprotected"]:
         out.print(f"[red]no eligible proxy for: {', '.join(data['unprotected'])}[/]")
+    out.print("[bold]Priority list[/] (round 1: fewest eligible proxies first, then largest): "
+              + ", ".join(f"{e['vm']} ({e['eligible']})" for e in data["priority_list"]), soft_wrap=True)
+    limits = ", ".join(f"{p} {n}" for p, n in data["stream_limits"].items())
+    out.print(f"[bold]First assignments[/] on idle proxies (job limit {data['job_limit']} streams; proxy limits: "
+              f"{limits})", soft_wrap=True)
+    for a in data["first_assignments"]:
+        extra = " (extra disk stream)" if a["extra"] else ""
+        out.print(f"  {a['vm']} disk {a['disk']} -> {a['proxy']} ({a['mode']}){extra}"
+                  + (f": {a['reason']}" if args.explain else ""), soft_wrap=True)
+    if args.explain:
+        out.print("[bold]Decisions[/]")
+        for d in data["decisions"]:
+            if d["verdict"] in ("assign", "disk-stream"):
+                continue
+            who = " ".join(x for x in (d["vm"], f"on {d['proxy']}" if d["proxy"] else "") if x)
+            out.print(f"  {d['verdict']}: {who + ': ' if who else ''}{d['reason']}", soft_wrap=True)
     return EXIT_OK
