@@ -103,3 +103,32 @@ def test_credentials_file_must_be_private(tmp_path: Path) -> None:
     f.write_text("username: admin\n")
     with pytest.raises(ConfigError, match="needs non-empty 'username' and 'password'"):
         Credentials(file=f).resolve({})
+
+
+def test_the_job_policy_has_defaults_and_becomes_the_schedulers_policy() -> None:
+    from vsphere_proxy.coordinator import DiskStreams
+    from vsphere_proxy.model import Proxy, ProxyKind
+
+    default = parse_config(valid()).job.policy.to_policy()
+    assert (default.max_streams, default.threshold, default.datastore_cap, default.disk_streams, default.rounds) == (
+        None, 1, 4, DiskStreams.AUTO, 3)
+    data = valid()
+    data["job"]["policy"] = {"max_streams": 6, "threshold": 2, "datastore_cap": 3, "disk_streams": "off",
+                             "streams_per_cpu": 2, "mb_per_stream": 1024}
+    policy = parse_config(data).job.policy.to_policy()
+    assert (policy.max_streams, policy.disk_streams) == (6, DiskStreams.OFF)
+    assert policy.formula(Proxy("p", ProxyKind.PHYSICAL, 4, 8192)) == 8  # min(2 x 4, 8192 // 1024)
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ({"max_streams": 0}, "job.policy.max_streams: Input should be greater than or equal to 1 (got 0)"),
+    ({"disk_streams": "sometimes"}, "job.policy.disk_streams: Input should be 'auto' or 'off' (got 'sometimes')"),
+    ({"threshold": 3, "datastore_cap": 2}, "job.policy: datastore_cap: must be >= threshold 3 (got 2)"),
+    ({"rounds": 11}, "job.policy.rounds: Input should be less than or equal to 10 (got 11)"),
+])
+def test_a_bad_policy_names_the_field(policy: dict[str, Any], message: str) -> None:
+    data = valid()
+    data["job"]["policy"] = policy
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "c.yaml")
+    assert str(e.value) == f"c.yaml: {message}"

@@ -49,6 +49,18 @@ def test_ledger_counts_and_release_is_idempotent() -> None:
         ledger.acquire(stream(2, "p1"), proxy_limit=9)
 
 
+def test_a_stream_stops_counting_on_datastores_it_is_done_with() -> None:
+    ledger = InMemoryLedger()
+    assert ledger.acquire(stream(1, "p1", "ds-a", "ds-b"), proxy_limit=2)
+    narrowed = ledger.narrow("job-1/1", {"ds-b", "ds-c"})
+    assert narrowed is not None and narrowed.datastores == ("ds-b",)  # never adds ds-c
+    assert (ledger.datastore_active("ds-a"), ledger.datastore_active("ds-b"), ledger.datastore_active("ds-c")) == (
+        0, 1, 0)
+    assert ledger.proxy_active("p1") == 1 and ledger.narrow("job-1/9", {"ds-a"}) is None
+    ledger.release("job-1/1")
+    assert ledger.datastore_active("ds-b") == 0
+
+
 def test_a_proxy_never_exceeds_its_limit_when_jobs_race() -> None:
     ledger, limit, peak, lock = InMemoryLedger(), 5, [0], threading.Lock()
     start = threading.Barrier(6)
