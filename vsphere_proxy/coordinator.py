@@ -3,7 +3,9 @@
 Pure and event-driven. An engine (embedded threads, Celery workers, the simulator) calls `start()`, then
 `on_disk_done`, `on_complete`, `on_proxy_down` as things happen, and executes the `Assignment`s each call
 returns. The coordinator never sleeps, polls or does I/O; the `Ledger` is the only state it shares with other
-jobs. When another job releases streams, the engine calls `schedule()` to let this job use them.
+jobs. When another job releases streams, the engine calls `on_released()` to let this job use them. Engines
+that drive several coordinators from several threads serialize the calls per coordinator; the ledger makes the
+limits hold across coordinators (proxy limit and datastore threshold are checked and taken atomically).
 
 The executor's side of the contract: every `Assignment` names one disk of one VM attempt to read on one stream.
 Report each disk read with `on_disk_done` (the same stream may be handed the VM's next disk), and end the
@@ -397,6 +399,11 @@ class Coordinator:
                 self._finish()
         return out
 
+    def on_released(self) -> list[Assignment]:
+        """Streams were released by another job: the threshold is back to its baseline, then schedule."""
+        self.threshold = self.job.policy.threshold
+        return self.schedule()
+
     def on_disk_done(self, vm: str, disk: int, attempt: int | None = None) -> list[Assignment]:
         """A stream finished reading `disk`: it goes on with the VM's next disk, or is released."""
         run = self._live(vm, attempt)
@@ -531,8 +538,8 @@ class Coordinator:
             run = self._runs[choice.entry.vm]
             stream = self._stream_id(run, run.attempts + 1)
             if not self.ledger.acquire(Stream(stream, self.job.id, choice.proxy.name, run.vm.datastores),
-                                       self.limits[choice.proxy.name]):
-                tried.add(choice.proxy.name)  # another job took its last stream meanwhile
+                                       self.limits[choice.proxy.name], choice.threshold):
+                tried.add(choice.proxy.name)  # another job took its last stream, or a datastore, meanwhile
                 continue
             if choice.raises:
                 self.threshold_raises += choice.raises
@@ -597,7 +604,7 @@ class Coordinator:
                     threshold = self.threshold
                 stream = self._stream_id(run, run.attempts, run.opened)
                 if not self.ledger.acquire(Stream(stream, self.job.id, run.proxy, run.vm.datastores),
-                                           self.limits[run.proxy]):
+                                           self.limits[run.proxy], threshold):
                     break
                 run.opened += 1
                 disk = run.todo.pop(0)
@@ -620,7 +627,8 @@ class Coordinator:
         self.round += 1
         entries = []
         for run in stranded:
-            eligible = self.job.table.eligible_names(run.vm.name, self.round)
+            eligible = frozenset(p for p in self.job.table.eligible_names(run.vm.name, self.round)
+                                 if p not in self._down and self.limits.get(p, 0) > 0)
             entries.append(PriorityEntry(run.vm.name, eligible, run.vm.total_bytes, run.vm.datastores))
             run.status = VmStatus.PENDING
         self._plist = self.strategy.order(entries)

@@ -26,8 +26,9 @@ class Stream:
 
 
 class Ledger(Protocol):
-    def acquire(self, stream: Stream, proxy_limit: int) -> bool:
-        """Take a stream on `stream.proxy` if it holds fewer than `proxy_limit`; False otherwise."""
+    def acquire(self, stream: Stream, proxy_limit: int, datastore_limit: int | None = None) -> bool:
+        """Take a stream on `stream.proxy` if it holds fewer than `proxy_limit` (and, when given, every datastore
+        of the stream has fewer than `datastore_limit`); False otherwise. Check and take are one atomic step."""
 
     def release(self, stream_id: str) -> Stream | None:
         """Give a stream back; releasing an unknown or already released stream is a no-op (None)."""
@@ -54,11 +55,13 @@ class InMemoryLedger:
         self._datastore: Counter[str] = Counter()
         self._job: Counter[str] = Counter()
 
-    def acquire(self, stream: Stream, proxy_limit: int) -> bool:
+    def acquire(self, stream: Stream, proxy_limit: int, datastore_limit: int | None = None) -> bool:
         with self._lock:
             if stream.id in self._streams:
                 raise ValueError(f"stream {stream.id} is already active")
             if self._proxy[stream.proxy] >= proxy_limit:
+                return False
+            if datastore_limit is not None and any(self._datastore[ds] >= datastore_limit for ds in stream.datastores):
                 return False
             self._streams[stream.id] = stream
             self._proxy[stream.proxy] += 1
