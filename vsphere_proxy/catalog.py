@@ -1,0 +1,218 @@
+"""The catalog: what every job did, kept in SQL (SQLite file by default, PostgreSQL by URL).
+
+Jobs with their status and policy, the rounds they ran, one row per VM attempt (proxy, mode, round, bytes read
+and written, seconds, error, fall-back), the restore points they made, and the coordinator/controller roles the
+job's proxies held. The rest of the product reaches the database only through this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class CatalogError(Exception):
+    """The catalog could not be opened or written; one line, naming the database (never its password)."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}  # noqa: RUF012 - SQLAlchemy's declared mapping
+
+
+class JobRow(_Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), index=True)
+    status: Mapped[str] = mapped_column(String(20))  # running | complete | partial | failed
+    engine: Mapped[str] = mapped_column(String(20))
+    policy: Mapped[dict[str, Any]]
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rounds: Mapped[int] = mapped_column(Integer, default=0)
+    summary: Mapped[dict[str, Any]]
+
+
+class RoundRow(_Base):
+    __tablename__ = "rounds"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vms: Mapped[int] = mapped_column(Integer)
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RoleRow(_Base):
+    __tablename__ = "roles"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    proxy: Mapped[str] = mapped_column(String(80), primary_key=True)
+    role: Mapped[str] = mapped_column(String(20))  # coordinator | controller
+    granted: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    rescinded: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ResultRow(_Base):
+    __tablename__ = "vm_results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    vm: Mapped[str] = mapped_column(String(255), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    proxy: Mapped[str | None] = mapped_column(String(80))
+    mode: Mapped[str | None] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))  # done | stranded | failed | unprotected | skipped
+    bytes_read: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_written: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    fell_back: Mapped[str] = mapped_column(Text, default="")
+    point_id: Mapped[str | None] = mapped_column(String(80))
+    ended: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PointRow(_Base):
+    __tablename__ = "restore_points"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    vm: Mapped[str] = mapped_column(String(255), index=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    disks: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(Integer)
+
+
+@dataclass(frozen=True)
+class VmResult:
+    """One VM attempt as the catalog keeps it."""
+
+    vm: str
+    round: int
+    attempt: int
+    proxy: str | None
+    mode: str | None
+    status: str
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    fell_back: str = ""
+    point_id: str | None = None
+
+
+def database_url(target: str | Path) -> str:
+    """A SQLAlchemy URL from a URL or a file path (a path means SQLite)."""
+    text = str(target)
+    return text if "://" in text else f"sqlite:///{Path(text).resolve()}"
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Catalog:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._session = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, target: str | Path) -> Catalog:
+        """Open (creating the tables when missing) the catalog at a URL or SQLite file path."""
+        url = database_url(target)
+        try:
+            engine = create_engine(url, future=True)
+            if engine.dialect.name == "sqlite":
+                event.listen(engine, "connect", _sqlite_pragmas)
+            _Base.metadata.create_all(engine)
+        except SQLAlchemyError as e:
+            raise CatalogError(f"catalog {_safe(url)}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        return cls(engine)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._session() as s, s.begin():
+            yield s
+
+    def start_job(self, job_id: str, name: str, *, engine: str, policy: dict[str, Any],
+                  coordinator: str | None, controllers: Sequence[str] = ()) -> None:
+        at = now()
+        with self._tx() as s:
+            s.add(JobRow(id=job_id, name=name, status="running", engine=engine, policy=policy, started=at,
+                         ended=None, rounds=0, summary={}))
+            s.flush()
+            if coordinator is not None:
+                s.add(RoleRow(job_id=job_id, proxy=coordinator, role="coordinator", granted=at, rescinded=None))
+            for proxy in controllers:
+                if proxy != coordinator:
+                    s.add(RoleRow(job_id=job_id, proxy=proxy, role="controller", granted=at, rescinded=None))
+
+    def start_round(self, job_id: str, number: int, vms: int) -> None:
+        with self._tx() as s:
+            s.merge(RoundRow(job_id=job_id, number=number, vms=vms, started=now()))
+            job = s.get(JobRow, job_id)
+            if job is not None:
+                job.rounds = max(job.rounds, number)
+
+    def record(self, job_id: str, result: VmResult) -> None:
+        with self._tx() as s:
+            s.add(ResultRow(job_id=job_id, ended=now(), **result.__dict__))
+
+    def add_point(self, job_id: str, point_id: str, vm: str, disks: int, size: int) -> None:
+        with self._tx() as s:
+            s.add(PointRow(id=point_id, job_id=job_id, vm=vm, created=now(), disks=disks, bytes=size))
+
+    def finish_job(self, job_id: str, status: str, summary: dict[str, Any]) -> None:
+        """End the job and rescind its roles."""
+        at = now()
+        with self._tx() as s:
+            job = s.get(JobRow, job_id)
+            if job is None:
+                raise CatalogError(f"job {job_id}: not in the catalog")
+            job.status, job.ended, job.summary = status, at, json.loads(json.dumps(summary, default=str))
+            for role in s.scalars(select(RoleRow).where(RoleRow.job_id == job_id, RoleRow.rescinded.is_(None))):
+                role.rescinded = at
+
+    def jobs(self, limit: int = 50) -> list[JobRow]:
+        with self._session() as s:
+            return list(s.scalars(select(JobRow).order_by(JobRow.started.desc()).limit(limit)))
+
+    def job(self, job_id: str) -> JobRow | None:
+        with self._session() as s:
+            return s.get(JobRow, job_id)
+
+    def results(self, job_id: str) -> list[ResultRow]:
+        with self._session() as s:
+            return list(s.scalars(select(ResultRow).where(ResultRow.job_id == job_id).order_by(ResultRow.id)))
+
+    def roles(self, job_id: str) -> list[RoleRow]:
+        with self._session() as s:
+            return list(s.scalars(select(RoleRow).where(RoleRow.job_id == job_id).order_by(RoleRow.proxy)))
+
+    def points(self, vm: str | None = None) -> list[PointRow]:
+        with self._session() as s:
+            q = select(PointRow).order_by(PointRow.created)
+            if vm is not None:
+                q = q.where(PointRow.vm == vm)
+            return list(s.scalars(q))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (a dashboard, `jobs`) never block the running job
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
