@@ -272,21 +272,24 @@ class PatentStrategy:
             return Choice(proxy, pick.entry, pick.threshold, pick.raises, pick.score, why)
 
 
-class LeastLoadedStrategy:
-    """Baseline: VMs in job order, each to its least utilized eligible proxy; no priority list, no datastore
-    score."""
+class _Baseline:
+    """What the baselines share: VMs in job order, no datastore score."""
 
-    name = "least-loaded"
     uses_datastore_score = False
 
     def order(self, entries: Iterable[PriorityEntry]) -> list[PriorityEntry]:
         return list(entries)
 
+
+class LeastLoadedStrategy(_Baseline):
+    """Baseline: VMs in job order, each to its least utilized eligible proxy; no priority list, no datastore
+    score."""
+
+    name = "least-loaded"
+
     def choose(self, c: Coordinator, tried: set[str]) -> Choice | None:
         free = {p.name for p in c.candidates(tried)}
-        if not free:
-            return None
-        for entry in c.pending():
+        for entry in c.pending() if free else ():
             proxy = next_available_proxy((c.proxy(n) for n in sorted(free.intersection(entry.eligible))),
                                          c.ledger, c.limits)
             if proxy is not None:
@@ -294,25 +297,19 @@ class LeastLoadedStrategy:
         return None
 
 
-class RoundRobinStrategy:
+class RoundRobinStrategy(_Baseline):
     """Baseline: VMs in job order, each to the next proxy in rotation that it is eligible for and that has a
     free stream."""
 
     name = "round-robin"
-    uses_datastore_score = False
 
     def __init__(self) -> None:
         self._next = 0
 
-    def order(self, entries: Iterable[PriorityEntry]) -> list[PriorityEntry]:
-        return list(entries)
-
     def choose(self, c: Coordinator, tried: set[str]) -> Choice | None:
         free = {p.name for p in c.candidates(tried)}
-        if not free:
-            return None
         ring = c.proxy_names
-        for entry in c.pending():
+        for entry in c.pending() if free else ():
             for step in range(len(ring)):
                 name = ring[(self._next + step) % len(ring)]
                 if name in free and name in entry.eligible:
