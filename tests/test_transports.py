@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import requests
 
+from adapters.nbd import NbdTransport, session_cookie
 from adapters.session import connect
 from vsphere_proxy.transports import BLOCK, DiskSource, TransportError, read_blocks
 from vsphere_proxy.transports.file import FileTransport
-from vsphere_proxy.transports.nbd import NbdTransport, session_cookie
 
 pytestmark = pytest.mark.integration
 

@@ -2,6 +2,7 @@
 
 Every transport implements `Transport`: `open(disk)`, `read_block(offset, length)`, an idempotent `close()`,
 and the context-manager protocol. The engine picks one from the (VM, proxy) tier the scheduler assigned.
+`file` (san, direct-nfs) is here; `nbd` and `hotadd` talk to vCenter and live in `adapters/`.
 """
 
 from vsphere_proxy.transports.base import BLOCK, DiskSource, Transport, TransportError, flat_path, read_blocks

@@ -1,4 +1,5 @@
-"""`nbd`: the disk streams over HTTP(S) from the datastore's `/folder/` endpoint, through the VM's host.
+"""The `nbd` transport: the disk streams over HTTP(S) from the datastore's `/folder/` endpoint, through the VM's
+host. It talks to vCenter, so it lives with the adapters; it implements `vsphere_proxy.transports.Transport`.
 
 Each block is one Range request carrying the vCenter session cookie. A transfer that breaks (connection reset,
 timeout, a 5xx) resumes from the last byte received, a bounded number of times, before the block fails.

@@ -1,0 +1,35 @@
+"""The backup repository (the media agent's storage): fixed 4 MiB chunks named by SHA-256, zstd, holes for zero
+blocks, deduplication across disks, VMs and restore points, atomic writes, one manifest per restore point.
+
+The format is specified in `docs/repository.md`; this package implements it on a local filesystem and does no
+vSphere I/O. Typical use::
+
+    repo = Repository.open(path)
+    with repo.begin(job_id, VmIdentity.of(vm), {"cpus": vm.cpus}) as point:
+        disk = point.disk(0, "Hard disk 1", capacity, base=repo.latest(vm.name), change_id=change_id)
+        disk.write(offset, block)          # or disk.keep(block_index) for an area CBT reports unchanged
+        manifest = point.commit()
+    repo.restore(manifest.id, 0, Path("disk0.img"))
+"""
+
+from .check import ChunkProblem, DiskRef, PruneResult, VerifyReport
+from .format import BLOCK_SIZE, DiskRecord, DiskStats, Manifest, RepositoryError, VmIdentity
+from .repo import Repository, RestoreResult
+from .writer import DiskWriter, PointWriter
+
+__all__ = [
+    "BLOCK_SIZE",
+    "ChunkProblem",
+    "DiskRecord",
+    "DiskRef",
+    "DiskStats",
+    "DiskWriter",
+    "Manifest",
+    "PointWriter",
+    "PruneResult",
+    "Repository",
+    "RepositoryError",
+    "RestoreResult",
+    "VerifyReport",
+    "VmIdentity",
+]

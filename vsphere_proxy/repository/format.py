@@ -1,0 +1,180 @@
+"""The repository's on-disk records, as `docs/repository.md` specifies them: `config`, manifests, disk entries.
+
+Everything here is plain data plus the one place that reads a JSON record from disk (`read_record`), which checks
+the `version` before anything else so readers abort on a format they do not know.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from vsphere_proxy.model import VM
+
+FORMAT_VERSION = 1
+BLOCK_SIZE = 4 * 1024 * 1024
+CHUNK_HASH = "sha256"
+COMPRESSION = "zstd"
+ZSTD_LEVEL = 3
+
+ChunkId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+PointId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
+POINT_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class RepositoryError(ValueError):
+    """Anything wrong with a repository or a request to it; the message is one line."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+R = TypeVar("R", bound=_Record)
+
+
+class VmIdentity(_Record):
+    """Who the restore point belongs to, as vCenter names it."""
+
+    name: str = Field(min_length=1)
+    moref: str = ""
+    uuid: str = ""
+    instance_uuid: str = ""
+
+    @classmethod
+    def of(cls, vm: VM) -> VmIdentity:
+        return cls(name=vm.name, moref=vm.moref, uuid=vm.uuid, instance_uuid=vm.instance_uuid)
+
+    def same_vm(self, other: VmIdentity) -> bool:
+        """True if both name the same VM: by instance UUID when both know it, else by name."""
+        if self.instance_uuid and other.instance_uuid:
+            return self.instance_uuid == other.instance_uuid
+        return self.name == other.name
+
+
+class DiskStats(_Record):
+    """What writing one disk cost; see `docs/repository.md`, "Manifests"."""
+
+    bytes_in: int = 0
+    new_chunks: int = 0
+    new_bytes_stored: int = 0
+    dedup_chunks: int = 0
+    zero_blocks: int = 0
+    kept_blocks: int = 0
+
+
+class DiskRecord(_Record):
+    """One disk of a restore point; `blocks` is its fixed index (chunk id, or None for a hole)."""
+
+    index: int = Field(ge=0)
+    label: str
+    capacity: int = Field(ge=0)
+    block_size: int = Field(gt=0)
+    change_id: str | None = None
+    blocks: tuple[ChunkId | None, ...]
+    stats: DiskStats = DiskStats()
+
+    @model_validator(mode="after")
+    def _blocks_cover_capacity(self) -> DiskRecord:
+        if len(self.blocks) != block_count(self.capacity, self.block_size):
+            raise ValueError(f"disk {self.index} has {len(self.blocks)} blocks for {self.capacity} bytes")
+        return self
+
+    def block_length(self, block: int) -> int:
+        return block_length(self.capacity, self.block_size, block)
+
+
+class Manifest(_Record):
+    """One restore point: a VM, its configuration summary, and every block of its disks."""
+
+    version: Literal[1] = FORMAT_VERSION
+    id: PointId
+    job_id: str
+    vm: VmIdentity
+    config: dict[str, Any]
+    started: AwareDatetime
+    ended: AwareDatetime
+    disks: tuple[DiskRecord, ...]
+
+    @model_validator(mode="after")
+    def _disks_unique(self) -> Manifest:
+        indexes = [d.index for d in self.disks]
+        if indexes != sorted(set(indexes)):
+            raise ValueError("disk indexes must be unique and sorted")
+        return self
+
+    def disk(self, index: int) -> DiskRecord:
+        for d in self.disks:
+            if d.index == index:
+                return d
+        raise RepositoryError(f"restore point {self.id} has no disk {index}")
+
+    def chunks(self) -> set[str]:
+        """Every chunk the point references."""
+        return {c for d in self.disks for c in d.blocks if c is not None}
+
+
+class RepoConfig(_Record):
+    """The repository's `config` file."""
+
+    version: Literal[1] = FORMAT_VERSION
+    id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    block_size: Literal[4194304] = BLOCK_SIZE
+    chunk_hash: Literal["sha256"] = CHUNK_HASH
+    compression: Literal["zstd"] = COMPRESSION
+    created: AwareDatetime
+
+
+def block_count(capacity: int, block_size: int) -> int:
+    return -(-capacity // block_size)
+
+
+def block_length(capacity: int, block_size: int, block: int) -> int:
+    """Length of block `block` of a disk: `block_size`, except for a short last block."""
+    return min(block_size, capacity - block * block_size)
+
+
+@functools.lru_cache(maxsize=8)
+def zeros(n: int) -> bytes:
+    """`n` zero bytes, shared (the block size and a few short last-block sizes are all that is ever asked)."""
+    return bytes(n)
+
+
+def check_point_id(point_id: str) -> str:
+    if not POINT_ID.match(point_id):
+        raise RepositoryError(f"invalid restore point id {point_id!r}")
+    return point_id
+
+
+def read_record(path: Path, kind: type[R]) -> R:
+    """Read a `config` or manifest file; one-line `RepositoryError` on an unknown version or a malformed record."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise RepositoryError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"{path}: unreadable: {one_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"{path}: not a JSON object")
+    version = raw.get("version")
+    if version != FORMAT_VERSION:
+        raise RepositoryError(f"{path}: unsupported format version {version!r} (this build reads version 1)")
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "record"
+        raise RepositoryError(f"{path}: invalid {where}: {first['msg']}") from None
+
+
+def dump_record(record: _Record) -> bytes:
+    return record.model_dump_json(indent=1).encode() + b"\n"
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
