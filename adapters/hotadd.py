@@ -1,0 +1,227 @@
+"""Hot-add (DESIGN §3 tier 2, §5): attach a snapshot's base disk to a proxy VM, detach it, sweep leftovers.
+
+The proxy VM is reconfigured to add the existing disk file — no `fileOperation`, so vCenter neither creates
+nor destroys a file — in `independent_nonpersistent` mode: whatever the proxy might write goes to a redo log
+that is discarded at detach, and the snapshot keeps the VM's own writes off the base disk meanwhile. The disk
+goes on a free unit of an existing SCSI controller; a paravirtual controller is added when every unit is taken
+(controllers stay: most guests cannot lose one while running). Reads go through the PropertyCollector.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pyVmomi import vim
+
+from adapters.errors import VSphereError
+from adapters.properties import host_datastores, read, read_one
+from adapters.properties import vm as vm_ref
+from adapters.retry import DEFAULT_RETRY, RetryPolicy
+from adapters.session import Session
+
+HOTADD_DISK_MODE = "independent_nonpersistent"
+SCSI_UNITS = 16  # units 0-15 per SCSI bus; the controller itself sits on one of them (7 by default)
+SCSI_BUSES = 4
+DEVICE_PATHS = ["config.hardware.device"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedDisk:
+    """A disk attached to a proxy VM for a backup."""
+
+    proxy_moref: str
+    key: int  # device key on the proxy VM
+    controller_key: int
+    unit: int
+    file: str  # "[datastore] vm/vm.vmdk"
+    disk_mode: str = HOTADD_DISK_MODE
+
+
+@dataclass(frozen=True, slots=True)
+class SweptDisk:
+    """A left-behind disk found by `sweep_attached`; `error` is empty when it was detached."""
+
+    disk: AttachedDisk
+    error: str = ""
+
+    @property
+    def detached(self) -> bool:
+        return not self.error
+
+
+def _scsi_controllers(devices: Iterable[Any]) -> list[Any]:
+    return sorted((d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)),
+                  key=lambda c: c.busNumber)
+
+
+def free_slot(devices: Sequence[Any]) -> tuple[int, int] | None:
+    """(controller key, unit) of the first free unit on the VM's SCSI controllers, lowest bus first; None if full."""
+    used = {(d.controllerKey, d.unitNumber) for d in devices if getattr(d, "unitNumber", None) is not None}
+    for ctrl in _scsi_controllers(devices):
+        own = ctrl.scsiCtlrUnitNumber if ctrl.scsiCtlrUnitNumber is not None else 7
+        for unit in range(SCSI_UNITS):
+            if unit != own and (ctrl.key, unit) not in used:
+                return ctrl.key, unit
+    return None
+
+
+def new_controller(devices: Sequence[Any], key: int = -100) -> vim.vm.device.ParaVirtualSCSIController | None:
+    """A paravirtual SCSI controller on the lowest free bus (temporary key `key`); None if all 4 buses are used."""
+    buses = {c.busNumber for c in _scsi_controllers(devices)}
+    bus = next((b for b in range(SCSI_BUSES) if b not in buses), None)
+    if bus is None:
+        return None
+    return vim.vm.device.ParaVirtualSCSIController(key=key, busNumber=bus, sharedBus="noSharing")
+
+
+def _file(device: Any) -> str:
+    return str(getattr(device.backing, "fileName", "") or "")
+
+
+def _disks(devices: Iterable[Any]) -> list[Any]:
+    return [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+
+
+def _attached(proxy_moref: str, disk: Any) -> AttachedDisk:
+    return AttachedDisk(proxy_moref=proxy_moref, key=disk.key, controller_key=disk.controllerKey,
+                        unit=disk.unitNumber, file=_file(disk),
+                        disk_mode=str(getattr(disk.backing, "diskMode", "") or ""))
+
+
+def _datastore(datastore_path: str) -> str:
+    """`[ds] vm/vm.vmdk` -> `ds`."""
+    if not datastore_path.startswith("[") or "] " not in datastore_path:
+        raise ValueError(f"{datastore_path!r}: not a datastore path ('[datastore] folder/file.vmdk')")
+    return datastore_path[1:datastore_path.index("] ")]
+
+
+def _directory(datastore_path: str) -> str:
+    """`[ds] vm/vm.vmx` -> `vm` (the folder inside its datastore)."""
+    path = datastore_path.split("] ", 1)[1] if datastore_path.startswith("[") else datastore_path
+    return posixpath.dirname(path.strip())
+
+
+def left_behind(devices: Sequence[Any], vmx_path: str) -> list[Any]:
+    """Disks attached for a backup and not detached: backing file outside the VM's own folder (on any
+    datastore), in the hot-add disk mode. The VM's own disks — its folder, persistent modes — are never listed.
+    """
+    own = _directory(vmx_path)
+    return [d for d in _disks(devices)
+            if _file(d) and _directory(_file(d)) != own
+            and getattr(d.backing, "diskMode", None) == HOTADD_DISK_MODE]
+
+
+def attach_disk(
+    session: Session,
+    proxy_vm_moref: str,
+    disk_file: str,
+    capacity_bytes: int,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> AttachedDisk:
+    """Attach the existing disk `disk_file` ("[datastore] vm/vm.vmdk") to the proxy VM; return where it went.
+
+    The proxy's host must mount the disk's datastore (the hot-add condition, DESIGN §3). Refuses a file the
+    proxy already has attached; a retried attempt adopts the disk an interrupted attempt attached, so a retry
+    never attaches it twice.
+    """
+    ref = vm_ref(session, proxy_vm_moref)
+    what = f"attach {disk_file} to {proxy_vm_moref}"
+    datastore = _datastore(disk_file)
+    attempts = 0
+
+    def attempt() -> AttachedDisk:
+        nonlocal attempts
+        attempts += 1
+        props = read_one(session, ref, [*DEVICE_PATHS, "runtime.host"])
+        devices = props.get("config.hardware.device") or []
+        present = next((d for d in _disks(devices) if _file(d) == disk_file), None)
+        if present is not None:
+            if attempts > 1:
+                return _attached(proxy_vm_moref, present)
+            raise VSphereError(f"{what}: already attached as device {present.key}")
+        if props.get("runtime.host") is None:
+            raise VSphereError(f"{what}: the proxy VM has no host")
+        host, mounted = host_datastores(session, props["runtime.host"])
+        if datastore not in mounted:
+            raise VSphereError(f"{what}: its host {host} does not mount datastore {datastore!r}")
+        changes = []
+        slot = free_slot(devices)
+        if slot is None:
+            ctrl = new_controller(devices)
+            if ctrl is None:
+                raise VSphereError(f"{what}: every unit of its {SCSI_BUSES} SCSI controllers is taken")
+            changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl))
+            slot = (ctrl.key, 0)
+        disk = vim.vm.device.VirtualDisk(
+            key=-101, controllerKey=slot[0], unitNumber=slot[1],
+            capacityInKB=capacity_bytes // 1024, capacityInBytes=capacity_bytes,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=disk_file, diskMode=HOTADD_DISK_MODE),
+        )
+        changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=disk))
+        retry.wait_task(session, ref.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)), what)
+        devices = read_one(session, ref, DEVICE_PATHS).get("config.hardware.device") or []
+        added = next((d for d in _disks(devices) if _file(d) == disk_file), None)
+        if added is None:
+            raise VSphereError(f"{what}: the reconfiguration succeeded but the disk is not on the VM")
+        return _attached(proxy_vm_moref, added)
+
+    return retry.call(attempt, what)
+
+
+def _detach(session: Session, ref: Any, disk: AttachedDisk, retry: RetryPolicy) -> bool:
+    what = f"detach {disk.file} (device {disk.key}) from {ref._moId}"
+
+    def attempt() -> bool:
+        devices = read_one(session, ref, DEVICE_PATHS).get("config.hardware.device") or []
+        device = next((d for d in _disks(devices) if d.key == disk.key and _file(d) == disk.file), None)
+        if device is None:
+            return False
+        # No fileOperation: the device goes, the file stays.
+        change = vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
+        retry.wait_task(session, ref.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[change])), what)
+        return True
+
+    return retry.call(attempt, what)
+
+
+def detach_disk(
+    session: Session, proxy_vm_moref: str, attached: AttachedDisk, *, retry: RetryPolicy = DEFAULT_RETRY
+) -> bool:
+    """Remove the attached disk's device from the proxy VM, keeping its file. False if it was already gone."""
+    if attached.proxy_moref != proxy_vm_moref:
+        raise ValueError(f"{attached.file} is attached to {attached.proxy_moref}, not {proxy_vm_moref}")
+    return _detach(session, vm_ref(session, proxy_vm_moref), attached, retry)
+
+
+def left_behind_disks(session: Session, proxy_vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY
+                      ) -> dict[str, list[AttachedDisk]]:
+    """Per proxy VM, the disks attached for a backup and left behind (see `left_behind`); one round trip."""
+    refs = [vm_ref(session, m) for m in dict.fromkeys(proxy_vm_morefs)]
+    props = retry.call(lambda: read(session, refs, [*DEVICE_PATHS, "config.files.vmPathName"]),
+                       "read the devices of the proxy VMs")
+    out: dict[str, list[AttachedDisk]] = {}
+    for moref, p in props.items():
+        devices = p.get("config.hardware.device") or []
+        out[moref] = [_attached(moref, d) for d in left_behind(devices, str(p.get("config.files.vmPathName") or ""))]
+    return out
+
+
+def sweep_attached(
+    session: Session, proxy_vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY
+) -> list[SweptDisk]:
+    """Detach every disk left behind on the proxy VMs; a failure is reported with its error and the sweep goes on."""
+    swept: list[SweptDisk] = []
+    for moref, disks in left_behind_disks(session, proxy_vm_morefs, retry=retry).items():
+        ref = vm_ref(session, moref)
+        for disk in disks:
+            error = ""
+            try:
+                _detach(session, ref, disk, retry)
+            except VSphereError as e:
+                error = str(e)
+            swept.append(SweptDisk(disk=disk, error=error))
+    return swept

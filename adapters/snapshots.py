@@ -1,0 +1,238 @@
+"""Backup snapshots (DESIGN §5): create one per VM and job, read its disks, remove it, sweep what was left behind.
+
+Every snapshot this tool makes is named `SNAPSHOT_PREFIX` + job id + UTC time + a random suffix, so a sweep
+recognises ours by name and never touches a snapshot someone else made. Memory is never captured; quiescing is
+the policy's choice. Removal keeps child snapshots (`removeChildren=False`) and consolidates the disks.
+Reads go through the PropertyCollector; calls and tasks are retried on transient faults (`adapters.retry`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pyVmomi import vim, vmodl
+
+from adapters.errors import VSphereError
+from adapters.properties import datastore_names, managed, read, read_one
+from adapters.properties import vm as vm_ref
+from adapters.retry import DEFAULT_RETRY, RetryPolicy
+from adapters.session import Session
+from adapters.tasks import TaskError
+
+SNAPSHOT_PREFIX = "vsphere-proxy-"
+NAME_MAX = 80  # vSphere's limit on a snapshot's name
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDisk:
+    """One virtual disk as the snapshot's configuration records it."""
+
+    index: int  # position among the snapshot's disks
+    key: int  # device key
+    label: str
+    capacity_bytes: int
+    file: str  # backing file, "[datastore] vm/vm.vmdk"
+    datastore: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A snapshot this tool made for a backup, with the disks a transport reads."""
+
+    moref: str
+    name: str
+    vm_moref: str
+    disks: tuple[SnapshotDisk, ...]
+    quiesced: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One node of a VM's snapshot tree."""
+
+    moref: str
+    name: str
+    vm_moref: str
+    description: str = ""
+    created: datetime | None = None
+    parent: str | None = None  # moref of the parent snapshot
+    quiesced: bool = False
+
+    @property
+    def ours(self) -> bool:
+        return self.name.startswith(SNAPSHOT_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class SweptSnapshot:
+    """A left-behind snapshot of ours found by a sweep; `error` is empty when it was removed."""
+
+    vm_moref: str
+    moref: str
+    name: str
+    created: datetime | None
+    error: str = ""
+
+    @property
+    def removed(self) -> bool:
+        return not self.error
+
+
+def snapshot_name(job_id: str, now: datetime) -> str:
+    """`vsphere-proxy-<job>-<UTC time>-<6 hex>`, at most 80 characters (the job id is shortened to fit)."""
+    if not job_id:
+        raise ValueError("job_id: must not be empty")
+    stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    tail = f"-{stamp}-{secrets.token_hex(3)}"
+    return SNAPSHOT_PREFIX + job_id[: NAME_MAX - len(SNAPSHOT_PREFIX) - len(tail)] + tail
+
+
+def walk(trees: Iterable[Any], vm_moref: str, parent: str | None = None) -> list[SnapshotEntry]:
+    """Flatten `snapshot.rootSnapshotList` (vim.vm.SnapshotTree nodes), parents before their children."""
+    out: list[SnapshotEntry] = []
+    for node in trees or []:
+        moref = node.snapshot._moId
+        out.append(SnapshotEntry(
+            moref=moref, name=str(node.name or ""), vm_moref=vm_moref, description=str(node.description or ""),
+            created=node.createTime, parent=parent, quiesced=bool(node.quiesced),
+        ))
+        out.extend(walk(node.childSnapshotList, vm_moref, moref))
+    return out
+
+
+def ours_children_first(entries: Iterable[SnapshotEntry]) -> list[SnapshotEntry]:
+    """Our snapshots among `entries` (as `walk` lists them), every child before its parent: the removal order."""
+    return [e for e in reversed(list(entries)) if e.ours]
+
+
+def _entries(info: Any, vm_moref: str) -> list[SnapshotEntry]:
+    return walk(info.rootSnapshotList if info is not None else [], vm_moref)
+
+
+def list_snapshots(session: Session, vm_moref: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> list[SnapshotEntry]:
+    """Every snapshot of the VM, ours and others', parents before children."""
+    props = retry.call(lambda: read_one(session, vm_ref(session, vm_moref), ["snapshot"]),
+                       f"read the snapshots of {vm_moref}")
+    return _entries(props.get("snapshot"), vm_moref)
+
+
+def snapshot_disks(session: Session, snapshot_moref: str, *, retry: RetryPolicy = DEFAULT_RETRY
+                   ) -> tuple[SnapshotDisk, ...]:
+    """The virtual disks of the snapshot's `config.hardware.device`, with their datastores' names."""
+    def read_disks() -> tuple[SnapshotDisk, ...]:
+        ref = managed(session, vim.vm.Snapshot, snapshot_moref)
+        devices = read_one(session, ref, ["config.hardware.device"]).get("config.hardware.device") or []
+        disks = [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+        names = datastore_names(session, (getattr(d.backing, "datastore", None) for d in disks))
+        out = []
+        for index, d in enumerate(disks):
+            file = str(getattr(d.backing, "fileName", "") or "")
+            ds = getattr(d.backing, "datastore", None)
+            datastore = names.get(ds._moId, "") if ds is not None else ""
+            if not datastore and file.startswith("[") and "]" in file:
+                datastore = file[1:file.index("]")]
+            out.append(SnapshotDisk(
+                index=index, key=d.key, label=d.deviceInfo.label if d.deviceInfo else f"disk {d.key}",
+                capacity_bytes=int(d.capacityInBytes or 0) or int(d.capacityInKB or 0) * 1024,
+                file=file, datastore=datastore,
+            ))
+        return tuple(out)
+
+    return retry.call(read_disks, f"read the disks of snapshot {snapshot_moref}")
+
+
+def create_snapshot(
+    session: Session,
+    vm_moref: str,
+    job_id: str,
+    *,
+    quiesce: bool = False,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Snapshot:
+    """Snapshot the VM for backup job `job_id` (memory off) and return it with its disks.
+
+    A retried attempt first looks for the snapshot an interrupted attempt may have made (same name), so a retry
+    never leaves two. If reading the new snapshot's disks fails, the snapshot is removed before the error is raised.
+    """
+    name = snapshot_name(job_id, now())
+    description = f"Made by vsphere-proxy for backup job {job_id}; vsphere-proxy removes it when the backup ends."
+    what = f"create snapshot {name} of {vm_moref}"
+    ref = vm_ref(session, vm_moref)
+    attempts = 0
+
+    def attempt() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:
+            props = read_one(session, ref, ["snapshot"])
+            made = [e for e in _entries(props.get("snapshot"), vm_moref) if e.name == name]
+            if made:
+                return made[0].moref
+        task = ref.CreateSnapshot_Task(name=name, description=description, memory=False, quiesce=quiesce)
+        result = retry.wait_task(session, task, what)
+        if result is None:
+            raise VSphereError(f"{what}: the task succeeded without returning the snapshot")
+        return str(result._moId)
+
+    moref = retry.call(attempt, what)
+    try:
+        disks = snapshot_disks(session, moref, retry=retry)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remove_snapshot(session, moref, retry=retry)
+        raise
+    return Snapshot(moref=moref, name=name, vm_moref=vm_moref, disks=disks, quiesced=quiesce)
+
+
+def remove_snapshot(
+    session: Session, snapshot: Snapshot | SnapshotEntry | str, *, retry: RetryPolicy = DEFAULT_RETRY
+) -> bool:
+    """Remove one snapshot (children kept, disks consolidated). False if it was already gone: removal is idempotent."""
+    moref = snapshot if isinstance(snapshot, str) else snapshot.moref
+    ref = managed(session, vim.vm.Snapshot, moref)
+    what = f"remove snapshot {moref}"
+
+    def attempt() -> bool:
+        try:
+            task = ref.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+        except vmodl.fault.ManagedObjectNotFound:
+            return False
+        try:
+            retry.wait_task(session, task, what)
+        except TaskError as e:
+            if isinstance(e.fault, vmodl.fault.ManagedObjectNotFound):
+                return False
+            raise
+        return True
+
+    return retry.call(attempt, what)
+
+
+def sweep_snapshots(
+    session: Session, vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY
+) -> list[SweptSnapshot]:
+    """Remove every snapshot of ours (name starts with `SNAPSHOT_PREFIX`) on the VMs; leave all others.
+
+    Children are removed before their parents. A removal that fails is reported with its error and the sweep
+    goes on with the next one.
+    """
+    refs = [vm_ref(session, m) for m in dict.fromkeys(vm_morefs)]
+    props = retry.call(lambda: read(session, refs, ["snapshot"]), "read the snapshots of the VMs to sweep")
+    swept: list[SweptSnapshot] = []
+    for ref in refs:
+        entries = _entries(props.get(ref._moId, {}).get("snapshot"), ref._moId)
+        for entry in ours_children_first(entries):
+            error = ""
+            try:
+                remove_snapshot(session, entry.moref, retry=retry)
+            except VSphereError as e:
+                error = str(e)
+            swept.append(SweptSnapshot(vm_moref=entry.vm_moref, moref=entry.moref, name=entry.name,
+                                       created=entry.created, error=error))
+    return swept

@@ -1,0 +1,128 @@
+"""The embedded engine on local flat files: threads per proxy driven by the coordinator, every disk into the
+repository and back bit for bit, a failing read strands the VM for the next round, a stalled read is failed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from vsphere_proxy.coordinator import Assignment, Coordinator, Job, Policy, VmStatus, WorkDisk, WorkVM
+from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
+from vsphere_proxy.engine.session import Finished
+from vsphere_proxy.ledger import InMemoryLedger
+from vsphere_proxy.model import Proxy, ProxyKind
+from vsphere_proxy.repository import Repository, VmIdentity
+from vsphere_proxy.tiers import Tier, TierTable
+from vsphere_proxy.transports import BLOCK, DiskSource
+from vsphere_proxy.transports.file import FileTransport
+
+MIB = 1 << 20
+
+
+class LocalFilesSession:
+    """A VM attempt whose disks are flat files already in place (no snapshot: there is no vCenter here)."""
+
+    def __init__(self, root: Path, repo: Repository, a: Assignment, vm: WorkVM, fail: set[str],
+                 hang: threading.Event | None) -> None:
+        self.root, self.vm, self.fail, self.hang = root, vm, fail, hang
+        self.point = repo.begin("job", VmIdentity(name=vm.name), {})
+        self.writers = {d.index: self.point.disk(d.index, f"disk {d.index}", d.bytes) for d in vm.disks}
+        self.finished: bool | None = None
+
+    def source(self, disk: int) -> DiskSource:
+        d = self.vm.disks[disk]
+        return DiskSource(self.vm.name, disk, f"[{d.datastore}] {self.vm.name}/{self.vm.name}_{disk}.vmdk",
+                          d.datastore, d.bytes)
+
+    def transport(self) -> Any:
+        session = self
+
+        class Transport(FileTransport):
+            def read_block(self, offset: int, length: int) -> bytes:
+                if session.vm.name in session.fail:
+                    session.fail.discard(session.vm.name)
+                    raise OSError("injected read error")
+                if session.hang is not None and session.vm.name == "hangs":
+                    session.hang.wait(5)
+                return super().read_block(offset, length)
+
+        return Transport("san", {ds: self.root / ds for ds in ("ds1", "ds2")})
+
+    def sink(self, disk: int) -> Any:
+        return self.writers[disk]
+
+    def finish(self, ok: bool) -> Finished:
+        self.finished = ok
+        if not ok:
+            self.point.abort()
+            return Finished(None, 0)
+        m = self.point.commit()
+        return Finished(m.id, sum(w.stats.new_bytes_stored for w in self.writers.values()))
+
+
+def setup(tmp_path: Path, sizes: dict[str, list[tuple[int, str]]]) -> tuple[list[WorkVM], dict[tuple[str, int], str]]:
+    vms, digests = [], {}
+    for name, disks in sizes.items():
+        work = []
+        for i, (size, ds) in enumerate(disks):
+            path = tmp_path / ds / name / f"{name}_{i}-flat.vmdk"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = os.urandom(size // 2) + bytes(size - size // 2)
+            path.write_bytes(data)
+            digests[(name, i)] = hashlib.sha256(data).hexdigest()
+            work.append(WorkDisk(i, size, ds))
+        vms.append(WorkVM(name, tuple(work)))
+    return vms, digests
+
+
+def run(tmp_path: Path, vms: list[WorkVM], fail: set[str] = frozenset(), stall: float = 60,
+        hang: threading.Event | None = None) -> tuple[Any, Repository, list[AttemptEnd]]:
+    repo = Repository.init(tmp_path / "repo")
+    proxies = (Proxy("p1", ProxyKind.PHYSICAL, 1, 300), Proxy("p2", ProxyKind.PHYSICAL, 1, 200))
+    table = TierTable.declared({vm.name: {"p1": Tier.SAN, "p2": Tier.NBD} for vm in vms})
+    coordinator = Coordinator(Job("job", tuple(vms), table, proxies, Policy(max_streams=4)), InMemoryLedger())
+    by_name = {vm.name: vm for vm in vms}
+    fail = set(fail)
+
+    class Preparer:
+        def prepare(self, a: Assignment) -> LocalFilesSession:
+            return LocalFilesSession(tmp_path, repo, a, by_name[a.vm], fail, hang)
+
+    ends: list[AttemptEnd] = []
+    report = EmbeddedEngine(Preparer(), stall_seconds=stall, tick=0.05, on_end=ends.append).run(coordinator)
+    return report, repo, ends
+
+
+def test_every_disk_is_backed_up_and_restores_bit_for_bit(tmp_path: Path) -> None:
+    vms, digests = setup(tmp_path, {"a": [(3 * BLOCK + 5, "ds1"), (BLOCK, "ds2")], "b": [(2 * MIB, "ds1")],
+                                    "c": [(BLOCK, "ds2"), (BLOCK, "ds2"), (MIB, "ds1")]})
+    report, repo, ends = run(tmp_path, vms)
+    assert report.status == "complete" and report.count(VmStatus.DONE) == 3
+    for end in ends:
+        assert end.ok and end.point_id and end.bytes_read > 0
+        for i in range(len(repo.manifest(end.point_id).disks)):
+            restored = repo.restore(end.point_id, i, tmp_path / f"{end.vm}-{i}.img")
+            assert restored.sha256 == digests[(end.vm, i)]
+
+
+def test_a_failing_read_strands_the_vm_and_a_later_round_backs_it_up(tmp_path: Path) -> None:
+    vms, _ = setup(tmp_path, {"a": [(BLOCK, "ds1")], "b": [(BLOCK, "ds2")]})
+    report, repo, ends = run(tmp_path, vms, fail={"a"})
+    failed = [e for e in ends if not e.ok]
+    assert [(e.vm, e.round) for e in failed] == [("a", 1)] and "injected read error" in failed[0].error
+    assert report.status == "complete" and report.rounds == 2
+    assert {p.vm.name for p in repo.points()} == {"a", "b"}  # the failed attempt left no restore point
+
+
+def test_a_stalled_stream_is_failed_and_its_vm_stranded(tmp_path: Path) -> None:
+    vms, _ = setup(tmp_path, {"hangs": [(BLOCK, "ds1")]})
+    release = threading.Event()
+    try:
+        report, _, ends = run(tmp_path, vms, stall=0.3, hang=release)
+    finally:
+        release.set()
+    assert any("no progress for" in e.error for e in ends)
+    assert report.count(VmStatus.DONE) + report.count(VmStatus.FAILED) == 1
