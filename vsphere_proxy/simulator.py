@@ -171,7 +171,6 @@ def simulate(scenario: Scenario, strategy: str = "scheduler", *, keep_segments: 
     flows: dict[str, _Flow] = {}
     read: Counter[tuple[str, int]] = Counter()  # disks read per (vm, attempt)
     segments: list[Segment] = []
-    stranded: set[str] = set()
     downs = list(scenario.proxy_downs)
     now = 0.0
     busy_time: Counter[str] = Counter()
@@ -203,15 +202,9 @@ def simulate(scenario: Scenario, strategy: str = "scheduler", *, keep_segments: 
         for ds, n in Counter(f.datastore for f in flows.values()).items():
             ds_peak[ds] = max(ds_peak[ds], n)
 
-    def strand_note() -> None:
-        for d in coordinator.decisions[noted[0]:]:
-            if d.verdict == "strand" and d.vm:
-                stranded.add(d.vm)
-        noted[0] = len(coordinator.decisions)
-
-    noted = [0]
+    caps = {**{f"ds:{k}": v for k, v in scenario.datastore_caps.items()},
+            **{f"proxy:{k}": v for k, v in scenario.proxy_caps.items()}}
     apply(coordinator.start())
-    strand_note()
     guard = 0
     while not coordinator.done:
         guard += 1
@@ -220,9 +213,7 @@ def simulate(scenario: Scenario, strategy: str = "scheduler", *, keep_segments: 
         order = list(flows.values())
         rates = allocate([min(scenario.rate(f.a.proxy, f.a.mode), scenario.proxy_caps.get(f.a.proxy, float("inf")))
                           for f in order],
-                         [(f"ds:{f.datastore}", f"proxy:{f.a.proxy}") for f in order],
-                         {**{f"ds:{k}": v for k, v in scenario.datastore_caps.items()},
-                          **{f"proxy:{k}": v for k, v in scenario.proxy_caps.items()}})
+                         [(f"ds:{f.datastore}", f"proxy:{f.a.proxy}") for f in order], caps)
         soonest = float("inf")
         for f, r in zip(order, rates, strict=True):
             f.rate = r
@@ -242,7 +233,6 @@ def simulate(scenario: Scenario, strategy: str = "scheduler", *, keep_segments: 
         if next_down is not None and next_down <= dt + EPS:
             down = downs.pop(0)
             apply(coordinator.on_proxy_down(down.proxy, down.reason))
-            strand_note()
             continue
         for f in order:
             if coordinator.done or flows.get(f.a.stream) is not f:
@@ -253,15 +243,14 @@ def simulate(scenario: Scenario, strategy: str = "scheduler", *, keep_segments: 
                 apply(coordinator.on_complete(a.vm, False, f"simulated failure of attempt {a.attempt}",
                                               attempt=a.attempt))
             elif f.remaining <= EPS * max(1.0, vms[a.vm].disks[a.disk].bytes):
-                if flows.get(a.stream) is f:
-                    end(flows.pop(a.stream), "read")
+                end(flows.pop(a.stream), "read")
                 read[(a.vm, a.attempt)] += 1
                 new = coordinator.on_disk_done(a.vm, a.disk, a.attempt)
                 if read[(a.vm, a.attempt)] == a.disk_count:
                     new += coordinator.on_complete(a.vm, True, attempt=a.attempt)
                 apply(new)
-            strand_note()
     report = coordinator.report()
+    stranded = {d.vm for d in coordinator.decisions if d.verdict == "strand" and d.vm}
     failed = tuple(v.vm for v in report.vms if v.status in (VmStatus.FAILED, VmStatus.UNPROTECTED))
     lost = tuple(v.vm for v in report.vms if v.status not in (VmStatus.DONE, VmStatus.FAILED, VmStatus.UNPROTECTED))
     span = now or 1.0

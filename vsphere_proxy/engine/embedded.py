@@ -44,7 +44,6 @@ class Attempt:
     bytes_read: int = 0
     last_progress: dict[str, float] = field(default_factory=dict)  # stream -> clock
     ended: bool = False
-    finished: Finished | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,6 @@ class EmbeddedEngine:
                 except Exception as e:  # commit or cleanup failed: the attempt failed
                     ok, at.error = False, at.error or f"finishing failed: {e}"
             with lock:
-                at.finished = result
                 if self.on_end is not None:
                     self.on_end(AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error,
                                            at.bytes_read, result.bytes_written, self.clock() - at.started,
