@@ -38,6 +38,7 @@ class AttachedDisk:
     unit: int
     file: str  # "[datastore] vm/vm.vmdk"
     disk_mode: str = HOTADD_DISK_MODE
+    uuid: str = ""  # the backing's UUID: how a guest with disk.EnableUUID names the device
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,8 @@ def _disks(devices: Iterable[Any]) -> list[Any]:
 def _attached(proxy_moref: str, disk: Any) -> AttachedDisk:
     return AttachedDisk(proxy_moref=proxy_moref, key=disk.key, controller_key=disk.controllerKey,
                         unit=disk.unitNumber, file=_file(disk),
-                        disk_mode=str(getattr(disk.backing, "diskMode", "") or ""))
+                        disk_mode=str(getattr(disk.backing, "diskMode", "") or ""),
+                        uuid=str(getattr(disk.backing, "uuid", "") or ""))
 
 
 def _datastore(datastore_path: str) -> str:

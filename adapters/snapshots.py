@@ -38,6 +38,7 @@ class SnapshotDisk:
     capacity_bytes: int
     file: str  # backing file, "[datastore] vm/vm.vmdk"
     datastore: str
+    change_id: str = ""  # the disk's CBT changeId at the snapshot ("" when change tracking is off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +140,7 @@ def snapshot_disks(session: Session, snapshot_moref: str, *, retry: RetryPolicy 
             out.append(SnapshotDisk(
                 index=index, key=d.key, label=d.deviceInfo.label if d.deviceInfo else f"disk {d.key}",
                 capacity_bytes=int(d.capacityInBytes or 0) or int(d.capacityInKB or 0) * 1024,
-                file=file, datastore=datastore,
+                file=file, datastore=datastore, change_id=str(getattr(d.backing, "changeId", "") or ""),
             ))
         return tuple(out)
 

@@ -1,6 +1,6 @@
 """`python -m testbed serve`: run a vcsim testbed with seeded disk images and a vsphere-proxy config.
 
-`python -m testbed demo`: start the testbed, run the product's commands against it, stop it.
+`python -m testbed demo`: start the testbed, back up every VM, restore a disk and verify it, stop.
 
 `python -m testbed generate N OUT`: write a generated topology with N VMs (for benchmarks).
 """
@@ -20,7 +20,7 @@ from types import FrameType
 
 from testbed import topology as topo
 from testbed.config import credentials_path_for, write_config, write_credentials
-from testbed.images import write_images
+from testbed.images import sha256_file, write_images
 from testbed.launcher import Vcsim, build_launcher
 
 USERNAME = "administrator@vsphere.local"
@@ -45,7 +45,7 @@ def _testbed(args: argparse.Namespace) -> Iterator[tuple[Vcsim, Path, str]]:
         images = write_images(topo.disks(topology, sim.datastores, args.disk_scale), seed=args.seed)
         config_out: Path = args.config_out.resolve()
         credentials = write_credentials(USERNAME, password, credentials_path_for(config_out))
-        write_config(topology, sim.url, credentials, config_out)
+        write_config(topology, sim.url, credentials, config_out, sim.datastores, config_out.parent / "repository")
         size = sum(d.capacity for d in topo.disks(topology, sim.datastores, args.disk_scale))
         print(
             f"vcsim {sim.url} (pid {sim.pid}): {len(topology.get('Machine') or [])} VMs, "
@@ -56,16 +56,32 @@ def _testbed(args: argparse.Namespace) -> Iterator[tuple[Vcsim, Path, str]]:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Run the product against the testbed: what vCenter holds, then the plan of the job."""
-    with _testbed(args) as (_, config, _password):
-        for command in (["discover"], ["plan"]):
+    """Run the product against the testbed: what vCenter holds, the plan, a backup of every VM, a restore of one
+    disk checked against the image the testbed wrote, a verify of the repository, the job in the catalog."""
+    with _testbed(args) as (sim, config, _password):
+        topology = topo.load(args.topology.resolve())
+        disk = next(d for d in topo.disks(topology, sim.datastores, args.disk_scale) if d.vm == "db-01")
+        expected = sha256_file(disk.path)
+        restored = config.parent / f"{disk.vm}-disk{disk.index}.img"
+        steps: list[tuple[list[str], set[int]]] = [
+            (["discover"], {0}),
+            (["plan"], {0}),
+            (["backup"], {0, 3}),
+            (["restore", "--vm", disk.vm, "--disk", str(disk.index), "--to", str(restored), "--force"], {0}),
+            (["verify"], {0}),
+            (["jobs"], {0}),
+        ]
+        for command, good in steps:
             argv = [sys.executable, "-m", "vsphere_proxy", *command, "--config", str(config)]
             print(f"\n$ vsphere-proxy {' '.join(command)} --config {config.name}", flush=True)
             code = subprocess.run(argv, check=False).returncode
-            if code != 0:
+            if code not in good:
                 print(f"vsphere-proxy {command[0]} exited with {code}", file=sys.stderr)
                 return code
-    return 0
+        got = sha256_file(restored)
+        same = "equals" if got == expected else "DIFFERS FROM"
+        print(f"\nrestored {disk.vm} disk {disk.index}: sha256 {got} {same} the source image's")
+        return 0 if got == expected else 1
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (
         ("serve", serve, "start vcsim with seeded disk images and write a vsphere-proxy config"),
-        ("demo", demo, "start the testbed, run vsphere-proxy discover and plan against it, stop"),
+        ("demo", demo, "start the testbed; discover, plan, back up every VM, restore a disk, verify; stop"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--topology", type=Path, default=topo.DEFAULT_TOPOLOGY)

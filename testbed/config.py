@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,24 +57,39 @@ def proxy_entry(proxy: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def config_dict(topology: dict[str, Any], url: str, credentials_file: Path) -> dict[str, Any]:
-    return {
+def config_dict(topology: dict[str, Any], url: str, credentials_file: Path,
+                datastores: Mapping[str, Path] | None = None, repository: Path | None = None) -> dict[str, Any]:
+    """The config for a testbed. With `datastores` (name -> the simulator's directory) every proxy mounts
+    them all (the tiers still decide who reads what, and how) and VM proxies resolve hot-added disks to those
+    files, as the simulator has no guest; with `repository`, backups go there."""
+    proxies = [proxy_entry(p) for p in topology.get("Proxy") or []]
+    if datastores:
+        paths = {name: str(Path(d).resolve()) for name, d in sorted(datastores.items())}
+        for p in proxies:
+            p["paths"] = paths
+            if p["kind"] == "vm":
+                p["hotadd_devices"] = "simulated"
+    config: dict[str, Any] = {
         "vcenter": {
             "url": url,
             "insecure": True,
             "credentials": {"file": str(Path(credentials_file).resolve())},
         },
-        "proxies": [proxy_entry(p) for p in topology.get("Proxy") or []],
+        "proxies": proxies,
         "job": {"name": "testbed", "select": {"folders": ["/"]}},
     }
+    if repository is not None:
+        config["repository"] = {"path": str(Path(repository).resolve())}
+    return config
 
 
-def write_config(topology: dict[str, Any], url: str, credentials_file: Path, out: Path) -> Path:
+def write_config(topology: dict[str, Any], url: str, credentials_file: Path, out: Path,
+                 datastores: Mapping[str, Path] | None = None, repository: Path | None = None) -> Path:
     """Write the config for a testbed serving `topology` at `url`; the password stays in `credentials_file`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "# vsphere-proxy config for the vcsim testbed (python -m testbed serve)\n"
-    text += yaml.safe_dump(config_dict(topology, url, credentials_file), sort_keys=False)
+    text += yaml.safe_dump(config_dict(topology, url, credentials_file, datastores, repository), sort_keys=False)
     out.write_text(text, encoding="utf-8")
     return out
 

@@ -64,7 +64,7 @@ def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcsimTestbed]:
         work = tmp_path_factory.mktemp("vcsim")
         config_path = work / "vsphere-proxy.yaml"
         credentials = write_credentials(USERNAME, password, credentials_path_for(config_path))
-        write_config(topology, sim.url, credentials, config_path)
+        write_config(topology, sim.url, credentials, config_path, sim.datastores, work / "repository")
         yield VcsimTestbed(sim, USERNAME, password, topology, topology_path, images, config_path, credentials)
     finally:
         sim.stop()

@@ -132,6 +132,11 @@ class ProxyConfig(_Strict):
     nfs_exports: list[NfsExport] = []  # host:/path exports it can mount (direct NFS)
     vsda_active: bool = True
     nbd: bool = True
+    # san / direct NFS: where this proxy mounts each datastore it reads itself (datastore name -> directory)
+    paths: dict[str, Path] = {}
+    # hot-add: how the proxy VM's guest names an attached disk: /dev/disk/by-id/wwn-0x<disk uuid> (needs
+    # disk.EnableUUID), or, for the simulator, which has no guest, the disk's flat file under `paths`
+    hotadd_devices: Literal["disk-uuid", "simulated"] = "disk-uuid"
 
     @model_validator(mode="after")
     def _by_kind(self) -> ProxyConfig:
@@ -139,6 +144,11 @@ class ProxyConfig(_Strict):
             raise ValueError("a physical proxy needs cpus and ram_mb")
         if self.kind == "vm" and self.luns:
             raise ValueError("luns: a VM proxy's LUNs come from vCenter (RDM disks or passthrough HBAs)")
+        for datastore, path in self.paths.items():
+            if not path.is_absolute():
+                raise ValueError(f"paths: {datastore}: must be an absolute directory (got {str(path)!r})")
+        if self.hotadd_devices == "simulated" and self.kind != "vm":
+            raise ValueError("hotadd_devices: only a VM proxy hot-adds disks")
         return self
 
 
@@ -176,6 +186,9 @@ class PolicyConfig(_Strict):
     rounds: Annotated[int, Field(ge=1, le=10)] = 3
     streams_per_cpu: Annotated[int, Field(ge=1, le=1000)] = 10
     mb_per_stream: Annotated[int, Field(ge=1, le=1 << 20)] = 100
+    quiesce: bool = False  # quiesce the guest file systems (VMware Tools) when snapshotting powered-on VMs
+    incremental: bool = True  # read only the blocks CBT reports changed since the VM's last restore point
+    stall_seconds: Annotated[float, Field(gt=0, le=86_400)] = 300.0  # a stream without progress this long fails
 
     @model_validator(mode="after")
     def _cap(self) -> PolicyConfig:
@@ -195,10 +208,28 @@ class JobConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()
 
 
+class RepositoryConfig(_Strict):
+    """Where restore points go (a local or mounted directory) and where the catalog of jobs lives."""
+
+    path: Path
+    catalog: str | None = None  # SQLAlchemy URL or SQLite file; default: catalog.sqlite beside the repository
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"must be an absolute directory (got {str(v)!r})")
+        return v
+
+    def catalog_target(self) -> str:
+        return self.catalog or str(self.path.parent / f"{self.path.name}.catalog.sqlite")
+
+
 class Config(_Strict):
     vcenter: VCenterConfig
     proxies: Annotated[list[ProxyConfig], Field(min_length=1)]
     job: JobConfig
+    repository: RepositoryConfig | None = None  # needed by backup, restore and verify
 
     @model_validator(mode="after")
     def _references(self) -> Config:

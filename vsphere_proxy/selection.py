@@ -23,7 +23,8 @@ def _in_folder(vm: VM, folder: str) -> bool:
 
 def select_vms(inventory: Inventory, selection: Selection, proxies: set[str] | None = None) -> list[Selected]:
     """Every VM matching the selection, sorted by name; those not to back up carry a `skip` reason
-    (templates, the job's own proxy VMs, exclusions), so nothing is left out silently."""
+    (templates, the job's own proxy VMs, exclusions, VMs without a disk a snapshot captures), so nothing is
+    left out silently."""
     tags = sorted({Tag.parse(t) for t in selection.tags})
     chosen = []
     for vm in inventory.vms:
@@ -37,8 +38,11 @@ def select_vms(inventory: Inventory, selection: Selection, proxies: set[str] | N
         if not because:
             continue
         excluded = next((p for p in selection.exclude if fnmatchcase(vm.name, p)), None)
+        readable = [d for d in vm.disks if d.backing != "rdm-physical"]
         skip = ("a template" if vm.template else
                 "a proxy of this job" if proxies and vm.name in proxies else
-                f"excluded by {excluded}" if excluded else "")
+                f"excluded by {excluded}" if excluded else
+                "no virtual disks" if not vm.disks else
+                "only physical-mode RDM disks, which a snapshot cannot capture" if not readable else "")
         chosen.append(Selected(vm, because, skip))
     return chosen

@@ -140,6 +140,7 @@ func main() {
 	certFile := flag.String("cert", "", "TLS certificate (PEM); serves https when set")
 	keyFile := flag.String("key", "", "TLS private key (PEM)")
 	scale := flag.Float64("disk-scale", 1, "multiply every disk capacity by this factor")
+	cbtWindow := flag.Int64("cbt-window", defaultCBTWindow, "bytes covered by one QueryChangedDiskAreas answer")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("vcsim-launcher: ")
@@ -176,6 +177,10 @@ func main() {
 	server.Config.Handler = wrapAPIFacade(server.Config.Handler)
 
 	l := &launcher{ctx: context.Background(), topo: topo, scale: *scale}
+	server.Config.Handler = wrapCBT(server.Config.Handler, *cbtWindow, func(ds string) (string, bool) {
+		dir, ok := l.dsDir[ds]
+		return dir, ok
+	})
 	cleanup := func() {
 		server.Close()
 		model.Remove()
@@ -195,11 +200,11 @@ func main() {
 		"pid":        os.Getpid(),
 		"datastores": l.dsDir,
 	})
-	fmt.Println(string(ready))
-	_ = os.Stdout.Sync()
-
+	// Listen for signals before announcing readiness: a SIGTERM right after the ready line must still clean up.
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	fmt.Println(string(ready))
+	_ = os.Stdout.Sync()
 	<-sig
 	cleanup()
 }

@@ -47,11 +47,12 @@ def read_config(arg: str | None) -> Config:
 class Discovered:
     config: Config
     inventory: Inventory
+    session: Any = None  # the logged-in adapters.session.Session, open until the `vcenter` block ends
 
 
 @contextmanager
 def vcenter(config: Config) -> Iterator[Discovered]:
-    """Log in, read the inventory (with tags), log out; errors become CommandErrors."""
+    """Log in, read the inventory (with tags), yield, log out; vCenter errors become CommandErrors."""
     from adapters.discovery import discover
     from adapters.errors import AuthError, ConnectError, VSphereError
     from adapters.session import connect
@@ -72,7 +73,7 @@ def vcenter(config: Config) -> Iterator[Discovered]:
     try:
         with TagClient(session.base_url, user, password.get_secret_value(), verify=session.verify) as tags:
             inventory = discover(session, tags=tags)
-        yield Discovered(config, inventory)
+        yield Discovered(config, inventory, session)
     except (AuthError, ConnectError, VSphereError) as e:
         raise CommandError(str(e), EXIT_FAILED) from None
     finally:

@@ -77,17 +77,34 @@ class Plan:
         }
 
 
-def make_plan(config: Config, inventory: Inventory, round_number: int = 1) -> Plan:
-    if round_number < 1:
-        raise CommandError(f"--round: must be 1 or more (got {round_number})", EXIT_BAD_INPUT)
+@dataclass(frozen=True)
+class JobSetup:
+    """A job as the configuration and vCenter's inventory define it, before it runs."""
+
+    selected: list[Selected]
+    proxies: list[Proxy]
+    table: TierTable
+    job: Job
+
+
+def build_job(config: Config, inventory: Inventory, job_id: str | None = None) -> JobSetup:
+    """Resolve the proxies, select the VMs (skips keep their reason), compute the tiers: the job to run."""
     try:
         proxies = resolve_proxies(config.job_proxies(), inventory)
     except ConfigError as e:
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
     selected = select_vms(inventory, config.job.select, {p.name for p in proxies})
     table = tier_table((s.vm for s in selected if not s.skip), proxies, inventory)
-    job = Job(config.job.name, tuple(WorkVM.from_vm(s.vm) for s in selected if not s.skip), table, tuple(proxies),
-              config.job.policy.to_policy())
+    job = Job(job_id or config.job.name, tuple(WorkVM.from_vm(s.vm) for s in selected if not s.skip), table,
+              tuple(proxies), config.job.policy.to_policy())
+    return JobSetup(selected, proxies, table, job)
+
+
+def make_plan(config: Config, inventory: Inventory, round_number: int = 1) -> Plan:
+    if round_number < 1:
+        raise CommandError(f"--round: must be 1 or more (got {round_number})", EXIT_BAD_INPUT)
+    setup = build_job(config, inventory)
+    selected, proxies, table, job = setup.selected, setup.proxies, setup.table, setup.job
     coordinator = Coordinator(job, InMemoryLedger(), explain=True)
     first_wave = coordinator.start()
     return Plan(selected, proxies, table, round_number, coordinator, first_wave)

@@ -10,15 +10,18 @@ when none is left, finish not ok, then `on_complete(False, error)`). A stream wi
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
 from vsphere_proxy.engine.session import Finished, Preparer, VmSession
 from vsphere_proxy.transports import read_blocks
+
+log = logging.getLogger(__name__)
 
 
 class _Aborted(Exception):
@@ -62,6 +65,8 @@ class AttemptEnd:
     seconds: float
     point_id: str | None
     notes: tuple[str, ...]
+    stats: Mapping[str, int] = field(default_factory=dict)
+    read: str = ""
 
 
 class EmbeddedEngine:
@@ -111,9 +116,13 @@ class EmbeddedEngine:
                     ok, at.error = False, at.error or f"finishing failed: {e}"
             with lock:
                 if self.on_end is not None:
-                    self.on_end(AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error,
-                                           at.bytes_read, result.bytes_written, self.clock() - at.started,
-                                           result.point_id if ok else None, result.notes))
+                    try:
+                        self.on_end(AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error,
+                                               at.bytes_read, result.bytes_written, self.clock() - at.started,
+                                               result.point_id if ok else None, result.notes, result.stats,
+                                               result.read))
+                    except Exception:  # a failing observer must not lose the VM's outcome for the coordinator
+                        log.exception("reporting the end of %s attempt %d failed", at.vm, at.attempt)
                 submit(coordinator.on_complete(at.vm, ok, at.error, attempt=at.attempt))
 
         def stream(a: Assignment, at: Attempt) -> None:
@@ -134,7 +143,7 @@ class EmbeddedEngine:
                 source, sink = at.session.source(a.disk), at.session.sink(a.disk)
                 with at.session.transport() as transport:
                     transport.open(source)
-                    for offset, block in read_blocks(transport, source.capacity):
+                    for offset, block in read_blocks(transport, source.capacity, offsets=sink.offsets()):
                         if at.error or at.ended:
                             raise _Aborted
                         sink.write(offset, block)

@@ -3,7 +3,8 @@ disk's blocks go, and a `finish` that always cleans up (snapshot removed, hot-ad
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from vsphere_proxy.coordinator import Assignment
@@ -13,6 +14,9 @@ from vsphere_proxy.transports import DiskSource, Transport
 class DiskSink(Protocol):
     """Where the blocks of one disk go (the repository's disk writer)."""
 
+    def offsets(self) -> Sequence[int] | None:
+        """The block offsets to read, ascending (an incremental read); None reads every block."""
+
     def write(self, offset: int, data: bytes) -> None: ...
 
 
@@ -21,6 +25,8 @@ class Finished:
     point_id: str | None
     bytes_written: int
     notes: tuple[str, ...] = ()
+    stats: Mapping[str, int] = field(default_factory=dict)  # the repository's counts (new chunks, dedup, ...)
+    read: str = ""  # how the disks were read: "full", "incremental (CBT)", "full: <why not incremental>"
 
 
 class VmSession(Protocol):

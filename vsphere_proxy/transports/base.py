@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, Self
 
@@ -61,11 +61,15 @@ class Transport(Protocol):
 
 
 def read_blocks(transport: Transport, capacity: int, *, start: int = 0,
-                progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(offset, block) over [start, capacity) in fixed blocks; a short read is an error, never silent."""
+                progress: Callable[[int], None] | None = None,
+                offsets: Iterable[int] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(offset, block) over [start, capacity) in fixed blocks, or over the given block `offsets` only (an
+    incremental read); a short read is an error, never silent."""
     if start % BLOCK:
         raise TransportError(f"start offset {start} is not a multiple of {BLOCK}")
-    for offset in range(start, capacity, BLOCK):
+    for offset in range(start, capacity, BLOCK) if offsets is None else offsets:
+        if offset % BLOCK or not 0 <= offset < capacity:
+            raise TransportError(f"block offset {offset} is not a multiple of {BLOCK} inside the disk's {capacity}")
         length = min(BLOCK, capacity - offset)
         data = transport.read_block(offset, length)
         if len(data) != length:

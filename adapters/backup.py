@@ -1,0 +1,100 @@
+"""The vCenter side of a backup attempt: snapshot the VM, read its disks' changes, build the assigned transport.
+
+`VSphereSnapshotter` implements `vsphere_proxy.engine.attempt.Snapshotter`; each snapshot it makes is a
+`VSphereVmSnapshot` whose `release()` removes it. Transports by mode: `san`/`direct-nfs` read the flat extent
+through the proxy's datastore -> path map, `hotadd` attaches the disk to the proxy VM, `nbd` streams it from the
+datastore HTTP endpoint with the session cookie.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters.cbt import CbtUnavailable, changed_areas
+from adapters.errors import VSphereError
+from adapters.hotadd_transport import GuestDevices, HotAddTransport
+from adapters.nbd import NbdTransport
+from adapters.retry import DEFAULT_RETRY, RetryPolicy
+from adapters.session import Session
+from adapters.snapshots import Snapshot, create_snapshot, remove_snapshot
+from vsphere_proxy.coordinator import Assignment
+from vsphere_proxy.engine.attempt import ChangesUnavailable, SnapshotDiskInfo
+from vsphere_proxy.model import VM
+from vsphere_proxy.transports import Transport, TransportError
+from vsphere_proxy.transports.file import FileTransport
+
+
+@dataclass(frozen=True)
+class ProxyAccess:
+    """How one proxy reaches disks: its VM (hot-add), its mounted datastores (san, direct NFS)."""
+
+    name: str
+    vm_moref: str | None = None  # VM proxies only
+    paths: Mapping[str, Path] = field(default_factory=dict)  # datastore name -> local mount point
+    devices: GuestDevices | None = None  # how the guest names a hot-added disk
+
+
+class VSphereVmSnapshot:
+    def __init__(self, snapshotter: VSphereSnapshotter, snapshot: Snapshot, proxy: ProxyAccess) -> None:
+        self._owner = snapshotter
+        self.snapshot = snapshot
+        self.name = snapshot.name
+        self.proxy = proxy
+        self.disks = tuple(SnapshotDiskInfo(d.index, d.key, d.label, d.capacity_bytes, d.file, d.datastore,
+                                            d.change_id) for d in snapshot.disks)
+        self._released = False
+        self._lock = threading.Lock()
+
+    def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
+        o = self._owner
+        try:
+            return changed_areas(o.session, self.snapshot.vm_moref, self.snapshot.moref, disk.key, disk.capacity,
+                                 since, retry=o.retry)
+        except CbtUnavailable as e:
+            raise ChangesUnavailable(str(e)) from None
+        except VSphereError as e:
+            raise ChangesUnavailable(f"QueryChangedDiskAreas failed: {e}") from None
+
+    def transport(self, mode: str) -> Transport:
+        o, p = self._owner, self.proxy
+        if mode in ("san", "direct-nfs"):
+            return FileTransport(mode, p.paths)
+        if mode == "hotadd":
+            if p.vm_moref is None or p.devices is None:
+                raise TransportError(f"hotadd: proxy {p.name} is not a VM proxy with a device resolver")
+            return HotAddTransport(o.session, p.vm_moref, p.devices, retry=o.retry)
+        if mode == "nbd":
+            s = o.session
+            return NbdTransport(s.base_url, o.datacenter, s.cookie, s.verify, attempts=o.nbd_attempts)
+        raise TransportError(f"unknown access mode {mode!r}")
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            remove_snapshot(self._owner.session, self.snapshot.moref, retry=self._owner.retry)
+            self._released = True
+
+
+class VSphereSnapshotter:
+    def __init__(self, session: Session, datacenter: str, vms: Mapping[str, VM], proxies: Mapping[str, ProxyAccess],
+                 job_id: str, *, quiesce: bool = False, retry: RetryPolicy = DEFAULT_RETRY,
+                 nbd_attempts: int = 4) -> None:
+        self.session = session
+        self.datacenter = datacenter
+        self.vms = dict(vms)
+        self.proxies = dict(proxies)
+        self.job_id = job_id
+        self.quiesce = quiesce
+        self.retry = retry
+        self.nbd_attempts = nbd_attempts
+
+    def snapshot(self, assignment: Assignment) -> VSphereVmSnapshot:
+        vm = self.vms[assignment.vm]
+        proxy = self.proxies.get(assignment.proxy) or ProxyAccess(assignment.proxy)
+        quiesce = self.quiesce and vm.power_state == "poweredOn"
+        snap = create_snapshot(self.session, vm.moref, self.job_id, quiesce=quiesce, retry=self.retry)
+        return VSphereVmSnapshot(self, snap, proxy)

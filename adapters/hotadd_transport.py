@@ -1,0 +1,141 @@
+"""The `hotadd` transport: attach the snapshot's base disk to the proxy VM, read the device it becomes in the
+proxy's guest, detach it always (DESIGN §5).
+
+`open(disk)` reconfigures the proxy VM (`adapters.hotadd.attach_disk`, read-only: independent non-persistent),
+then a `GuestDevices` resolver finds the block device the guest sees for that disk; `close()` closes the device
+and detaches the disk, also after an error. A disk left attached by a crash is found by the job-start sweep
+(`adapters.hotadd.sweep_attached`).
+
+Resolvers:
+- `DiskUuidDevices`: Linux proxies with `disk.EnableUUID = TRUE` see each virtual disk as
+  `/dev/disk/by-id/wwn-0x<disk uuid>`; the resolver waits for that link after the attach.
+- `SimulatedGuestDevices`: for the simulator, which has no guest: the "device" is the attached disk's flat file in
+  the datastore's local directory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import BinaryIO, Protocol, Self
+
+from adapters.errors import VSphereError
+from adapters.hotadd import AttachedDisk, attach_disk, detach_disk
+from adapters.retry import DEFAULT_RETRY, RetryPolicy
+from adapters.session import Session
+from vsphere_proxy.transports import DiskSource, TransportError, flat_path
+
+
+class GuestDevices(Protocol):
+    def path(self, attached: AttachedDisk, disk: DiskSource) -> Path:
+        """The block device (or file) in the proxy's guest that reads as the attached disk."""
+
+
+class DiskUuidDevices:
+    """`/dev/disk/by-id/wwn-0x<uuid>` for a disk whose backing UUID is known (needs disk.EnableUUID)."""
+
+    def __init__(self, root: Path = Path("/dev/disk/by-id"), wait: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.root, self.wait, self.sleep = root, wait, sleep
+
+    def path(self, attached: AttachedDisk, disk: DiskSource) -> Path:
+        if not attached.uuid:
+            raise TransportError(f"{disk}: hotadd: the attached disk has no UUID; set disk.EnableUUID on the proxy")
+        link = self.root / f"wwn-0x{attached.uuid.replace('-', '').lower()}"
+        waited = 0.0
+        while not link.exists():
+            if waited >= self.wait:
+                raise TransportError(f"{disk}: hotadd: {link} did not appear within {self.wait:g} s of the attach")
+            self.sleep(0.5)
+            waited += 0.5
+        return link
+
+
+class SimulatedGuestDevices:
+    """The simulator has no guest: the attached disk reads as its flat file under the datastore's directory."""
+
+    def __init__(self, paths: Mapping[str, Path]) -> None:
+        self.paths = {k: Path(v) for k, v in paths.items()}
+
+    def path(self, attached: AttachedDisk, disk: DiskSource) -> Path:
+        datastore = attached.file[1:attached.file.index("]")] if attached.file.startswith("[") else disk.datastore
+        root = self.paths.get(datastore)
+        if root is None:
+            raise TransportError(f"{disk}: hotadd: no local directory for datastore {datastore}")
+        inner = attached.file.split("] ", 1)[1] if "] " in attached.file else attached.file
+        return root / flat_path(inner)
+
+
+_reconfigure_locks: dict[str, threading.Lock] = {}
+_locks_lock = threading.Lock()
+
+
+def _proxy_lock(proxy_vm_moref: str) -> threading.Lock:
+    """One reconfiguration at a time per proxy VM: two concurrent attaches would pick the same free unit."""
+    with _locks_lock:
+        return _reconfigure_locks.setdefault(proxy_vm_moref, threading.Lock())
+
+
+class HotAddTransport:
+    mode = "hotadd"
+
+    def __init__(self, session: Session, proxy_vm_moref: str, devices: GuestDevices, *,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self._session = session
+        self._proxy = proxy_vm_moref
+        self._devices = devices
+        self._retry = retry
+        self._attached: AttachedDisk | None = None
+        self._file: BinaryIO | None = None
+        self._disk: DiskSource | None = None
+        self.attached_total = 0  # disks attached over the transport's life
+
+    def open(self, disk: DiskSource) -> None:
+        self.close()
+        try:
+            with _proxy_lock(self._proxy):
+                self._attached = attach_disk(self._session, self._proxy, disk.file, disk.capacity,
+                                             retry=self._retry)
+        except VSphereError as e:
+            raise TransportError(f"{disk}: hotadd: {e}") from None
+        self.attached_total += 1
+        self._disk = disk
+        try:
+            device = self._devices.path(self._attached, disk)
+            self._file = open(device, "rb", buffering=0)  # noqa: SIM115 - held until close()
+        except OSError as e:
+            self.close()
+            raise TransportError(f"{disk}: hotadd: cannot open the attached device: {e.strerror}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def read_block(self, offset: int, length: int) -> bytes:
+        if self._file is None:
+            raise TransportError("hotadd: read before open")
+        try:
+            return os.pread(self._file.fileno(), length, offset)
+        except OSError as e:
+            raise TransportError(f"{self._disk}: hotadd: read at {offset}: {e.strerror}") from None
+
+    def close(self) -> None:
+        """Close the device, then detach the disk; a failed detach is raised (the sweep would find it later)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        attached, self._attached = self._attached, None
+        if attached is not None:
+            try:
+                with _proxy_lock(self._proxy):
+                    detach_disk(self._session, self._proxy, attached, retry=self._retry)
+            except VSphereError as e:
+                raise TransportError(f"{self._disk}: hotadd: detach failed: {e}") from None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,67 @@
+"""`vsphere-proxy jobs`: the catalog's backup jobs, newest first, or one job's attempts VM by VM."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from vsphere_proxy.cli.backup import open_catalog
+from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json, read_config
+
+HELP = "list backup jobs from the catalog, or the attempts of one job"
+
+
+def build_parser(sub: Any) -> None:
+    p = sub.add_parser("jobs", help=HELP, description=HELP)
+    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    p.add_argument("--job", help="show this job's attempts")
+    p.add_argument("--limit", type=int, default=20, help="how many jobs to list (default 20)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=do_jobs)
+
+
+def do_jobs(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    if config.repository is None:
+        raise CommandError("repository: not configured; the catalog lives beside it", EXIT_BAD_INPUT)
+    catalog = open_catalog(config)
+    try:
+        if args.job:
+            job = catalog.job(args.job)
+            if job is None:
+                raise CommandError(f"--job: no job {args.job!r} in the catalog", EXIT_BAD_INPUT)
+            rows = [{"vm": r.vm, "round": r.round, "attempt": r.attempt, "proxy": r.proxy, "mode": r.mode,
+                     "status": r.status, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written,
+                     "seconds": round(r.seconds, 3), "error": r.error, "point": r.point_id}
+                    for r in catalog.results(args.job)]
+            roles = [{"proxy": r.proxy, "role": r.role} for r in catalog.roles(args.job)]
+            data: Any = {"id": job.id, "name": job.name, "status": job.status, "rounds": job.rounds,
+                         "started": job.started.isoformat(), "ended": job.ended.isoformat() if job.ended else None,
+                         "roles": roles, "attempts": rows}
+        else:
+            data = [{"id": j.id, "name": j.name, "status": j.status, "engine": j.engine, "rounds": j.rounds,
+                     "started": j.started.isoformat(), "ended": j.ended.isoformat() if j.ended else None,
+                     "counts": (j.summary or {}).get("counts", {})} for j in catalog.jobs(args.limit)]
+    finally:
+        catalog.close()
+    if args.json:
+        emit_json(data)
+        return EXIT_OK
+    out = console()
+    if args.job:
+        table = Table("VM", "round", "attempt", "proxy", "mode", "status", "read", "written", "s", "error / point",
+                      title=f"{data['id']} ({data['status']})")
+        for r in data["attempts"]:
+            table.add_row(r["vm"], str(r["round"]), str(r["attempt"]), r["proxy"] or "", r["mode"] or "",
+                          r["status"], str(r["bytes_read"]), str(r["bytes_written"]), str(r["seconds"]),
+                          escape(r["error"] or r["point"] or ""))
+    else:
+        table = Table("job", "status", "rounds", "started (UTC)", "VMs", title="Backup jobs")
+        for j in data:
+            table.add_row(j["id"], j["status"], str(j["rounds"]), j["started"][:19],
+                          ", ".join(f"{n} {s}" for s, n in sorted(j["counts"].items())))
+    out.print(table)
+    return EXIT_OK
