@@ -64,10 +64,12 @@ class Bed:
     def disks(self) -> dict[tuple[str, int], topo.DiskImage]:
         return {(d.vm, d.index): d for d in topo.disks(self.topology, self.sim.datastores)}
 
-    def variant(self, name: str, **policy: Any) -> Path:
-        """The config with policy fields changed."""
+    def variant(self, name: str, select: dict[str, Any] | None = None, **policy: Any) -> Path:
+        """The config with another selection or policy fields changed."""
         data = yaml.safe_load(self.config.read_text())
         data["job"].setdefault("policy", {}).update(policy)
+        if select is not None:
+            data["job"]["select"] = select
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
@@ -260,6 +262,28 @@ def test_a_transport_failing_mid_disk_strands_the_vm_and_leaves_no_snapshot_or_a
             assert _restored_hash(bed, vm, index) == digest
 
 
+def test_a_vm_that_fails_in_every_round_makes_the_job_partial_with_exit_3(
+        bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = attempt_module.RepositorySession.transport
+
+    def transport(self: Any) -> Any:
+        inner = real(self)
+        if self.assignment.vm == "web-04":
+            def fail(offset: int, length: int) -> bytes:
+                raise TransportError(f"{inner.mode}: injected failure of web-04")
+            inner.read_block = fail
+        return inner
+
+    monkeypatch.setattr(attempt_module.RepositorySession, "transport", transport)
+    code, report = backup(bed.variant("web", select={"names": ["web-*"]}, rounds=2, incremental=False))
+    lines = {v["vm"]: v for v in report["vms"]}
+    assert code == 3 and report["status"] == "partial", report
+    assert lines["web-04"]["status"] == "failed" and "injected failure of web-04" in lines["web-04"]["error"]
+    assert lines["web-04"]["attempts"] == 2 and lines["web-04"]["point"] is None
+    assert all(lines[vm]["status"] == "done" for vm in ("web-01", "web-02", "web-03"))
+    assert _ours_left(bed) == ([], [])
+
+
 def test_verify_finds_a_flipped_byte_and_a_deleted_chunk_and_names_the_broken_points(bed: Bed) -> None:
     code, data = cli("verify", "--config", str(bed.config), "--json")
     assert code == 0 and data["ok"] and data["chunks"] > 0
@@ -288,11 +312,7 @@ def test_a_vm_with_its_own_snapshot_is_backed_up_and_its_snapshot_kept(bed: Bed)
     vm = "dev-05"
     ref = vm_ref(bed.session, bed.moref[vm])
     mine = wait_for_task(bed.session, ref.CreateSnapshot_Task(name="before-patching", memory=False, quiesce=False))
-    config = bed.work / "one.yaml"
-    data = yaml.safe_load(bed.config.read_text())
-    data["job"]["select"] = {"names": [vm]}
-    config.write_text(yaml.safe_dump(data))
-    code, report = backup(config)
+    code, report = backup(bed.variant("one", select={"names": [vm]}))
     line = next(v for v in report["vms"] if v["vm"] == vm)
     assert code == 0 and line["status"] == "done", report
     assert [e.name for e in list_snapshots(bed.session, bed.moref[vm])] == ["before-patching"]

@@ -185,7 +185,6 @@ def test_changed_areas_without_a_change_id_is_unavailable() -> None:
 class Bed:
     sim: Vcsim
     session: Session
-    password: str
     moref: dict[str, str]
     disks: dict[tuple[str, int], DiskImage]
     images: dict[tuple[str, int], str]
@@ -202,7 +201,7 @@ def bed() -> Iterator[Bed]:
         images = write_images(disks, SEED)
         with connect(sim.url, USERNAME, password, insecure=True) as session:
             moref = {v.name: v.moref for v in discover(session).vms}
-            yield Bed(sim, session, password, moref, {(d.vm, d.index): d for d in disks}, images)
+            yield Bed(sim, session, moref, {(d.vm, d.index): d for d in disks}, images)
     finally:
         sim.stop()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,52 @@ def test_a_stalled_stream_is_failed_and_its_vm_stranded(tmp_path: Path) -> None:
         release.set()
     assert any("no progress for" in e.error for e in ends)
     assert report.count(VmStatus.DONE) + report.count(VmStatus.FAILED) == 1
+
+
+def test_a_disk_read_fine_after_another_disk_of_its_attempt_failed_still_ends_the_attempt(tmp_path: Path) -> None:
+    # both disks of "a" are read at once; disk 0 reads its only block, then, while its transport closes, disk 1
+    # fails: disk 0's stream ends last, read fine, and must still end the attempt or the job waits forever
+    vms, digests = setup(tmp_path, {"a": [(BLOCK, "ds1"), (3 * BLOCK, "ds1")]})
+    read_done, failed = threading.Event(), threading.Event()
+    first_attempt = True
+
+    class Ordered(FileTransport):
+        def open(self, disk: DiskSource) -> None:
+            super().open(disk)
+            self.index = disk.index
+
+        def read_block(self, offset: int, length: int) -> bytes:
+            nonlocal first_attempt
+            if first_attempt and self.index == 1 and offset == BLOCK:
+                read_done.wait(5)
+                first_attempt = False
+                failed.set()
+                raise OSError("injected read error")
+            return super().read_block(offset, length)
+
+        def close(self) -> None:
+            if first_attempt and getattr(self, "index", None) == 0:
+                read_done.set()
+                failed.wait(5)
+                time.sleep(0.2)  # the failing stream's end is handled before this one's
+            super().close()
+
+    outcome: list[Any] = []
+
+    def job() -> None:
+        original = LocalFilesSession.transport
+        LocalFilesSession.transport = lambda self: Ordered("san", {"ds1": tmp_path / "ds1"})  # type: ignore
+        try:
+            outcome.append(run(tmp_path, vms))
+        finally:
+            LocalFilesSession.transport = original  # type: ignore[method-assign]
+
+    worker = threading.Thread(target=job, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert outcome, "the job did not end"
+    report, repo, ends = outcome[0]
+    assert report.status == "complete" and [e.ok for e in ends] == [False, True]
+    point = ends[-1].point_id
+    assert [repo.restore(point, i, tmp_path / f"r{i}").sha256 for i in range(2)] == [digests[("a", 0)],
+                                                                                    digests[("a", 1)]]

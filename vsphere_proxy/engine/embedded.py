@@ -165,11 +165,12 @@ class EmbeddedEngine:
                     at.last_progress.pop(a.stream, None)
                     if at.ended:
                         pass  # abandoned (stalled) or already ended: a late return changes nothing
-                    elif ok:
+                    elif ok and not at.error:
                         at.disks_read += 1
                         submit(coordinator.on_disk_done(a.vm, a.disk, a.attempt))
                         closing = at.ended = at.disks_read == at.disk_count
                     elif at.inflight == 0:
+                        # failed, or read fine while another stream of the attempt failed: the last one closes it
                         closing = at.ended = True
                 if closing:
                     close(at)
