@@ -231,11 +231,15 @@ class RepositoryPreparer:
         self.vms = dict(vms)
         self.incremental = incremental
         self.clock = clock
+        self._latest: dict[str, Manifest] = {}  # each VM's latest restore point, read once per job
+        for manifest in repository.points():
+            if manifest.vm.name in self.vms:
+                self._latest[manifest.vm.name] = manifest  # oldest first: the last one wins
 
     def prepare(self, assignment: Assignment) -> RepositorySession:
         vm = self.vms[assignment.vm]
         identity = VmIdentity.of(vm)
-        base = self.repository.latest(vm.name)
+        base = self._latest.get(vm.name)
         if base is not None and not base.vm.same_vm(identity):
             base = None  # a different VM under the same name: nothing to build on
         snapshot = self.snapshotter.snapshot(assignment)
