@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Prepare the vcsim testbed: install Debian's Go toolchain and govmomi sources when missing, then build the
+# Prepare the testbed: install Debian's Go toolchain, govmomi sources and redis-server when missing, then build the
 # launcher (testbed/vcsim/*.go) offline in GOPATH mode into a cache directory keyed by the sources' hash.
 # Idempotent. The binary's path is printed on the last line of stdout; progress goes to stderr.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/vcsim"
-packages=(golang-go golang-github-vmware-govmomi-dev)
+packages=(golang-go golang-github-vmware-govmomi-dev redis-server)
 
 log() { printf 'testbed/setup.sh: %s\n' "$*" >&2; }
 
