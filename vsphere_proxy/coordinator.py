@@ -31,6 +31,7 @@ from vsphere_proxy.scheduler import (
     priority_list,
 )
 from vsphere_proxy.tiers import LAST_TIER, Tier, TierTable, allowed_tier
+from vsphere_proxy.units import human_size
 
 __all__ = [
     "Assignment",
@@ -267,7 +268,7 @@ class PatentStrategy:
                 continue
             active, limit = c.ledger.proxy_active(proxy.name), c.limits[proxy.name]
             why = (f"{proxy.name} next available ({active}/{limit} streams); first VM in the priority list it can "
-                   f"back up ({len(pick.entry.eligible)} eligible proxies, {_size(pick.entry.total_bytes)}); "
+                   f"back up ({len(pick.entry.eligible)} eligible proxies, {human_size(pick.entry.total_bytes)}); "
                    f"datastore score {pick.score} < threshold {pick.threshold}")
             return Choice(proxy, pick.entry, pick.threshold, pick.raises, pick.score, why)
 
@@ -323,14 +324,6 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "round-robin": RoundRobinStrategy,
     "least-loaded": LeastLoadedStrategy,
 }
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 class Coordinator:

@@ -39,6 +39,7 @@ from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
 from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.repository import Repository, RepositoryError
+from vsphere_proxy.units import human_size
 
 HELP = "back up the job's VMs through the proxies into the repository (embedded engine)"
 
@@ -189,14 +190,6 @@ def run_backup(config: Config, found: Discovered, *, show_progress: bool = False
     return report
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def _ratio(ratio: float | None, status: str) -> str:
     if ratio is None:
         return "all dup" if status == "done" else ""
@@ -211,8 +204,8 @@ def print_report(report: BackupReport) -> None:
     for v in report.vms:
         colour = {"done": "green", "failed": "red", "unprotected": "red", "skipped": "yellow"}.get(v.status, "")
         table.add_row(v.vm, f"[{colour}]{v.status}[/]" if colour else v.status, v.proxy or "", v.mode or "",
-                      str(v.round or ""), _size(v.bytes_read) if v.bytes_read else "",
-                      _size(v.bytes_written) if v.status == "done" else "",
+                      str(v.round or ""), human_size(v.bytes_read) if v.bytes_read else "",
+                      human_size(v.bytes_written) if v.status == "done" else "",
                       _ratio(v.dedup_ratio, v.status),
                       f"{v.seconds:.1f}" if v.seconds else "", escape(v.read if v.status == "done" else v.error))
     out.print(table)
@@ -231,7 +224,7 @@ def print_report(report: BackupReport) -> None:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items()))
     modes = ", ".join(f"{n} {m}" for m, n in data["modes"].items()) or "none"
     out.print(f"[bold]{report.status}[/]: {counts}; by mode: {modes}; rounds {data['rounds']}; "
-              f"read {_size(data['bytes_read'])}, stored {_size(data['bytes_written'])}", soft_wrap=True)
+              f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}", soft_wrap=True)
 
 
 def do_backup(args: argparse.Namespace) -> int:
