@@ -99,9 +99,8 @@ class WorkVM:
 
     @classmethod
     def from_vm(cls, vm: VM) -> WorkVM:
-        """The disks a backup reads: every disk but physical-mode RDMs (which snapshots cannot capture)."""
-        disks = [d for d in vm.disks if d.backing != "rdm-physical"]
-        return cls(vm.name, tuple(WorkDisk(i, d.capacity_bytes, d.datastore) for i, d in enumerate(disks)))
+        """The disks a backup reads (`VM.backup_disks`), indexed in that order."""
+        return cls(vm.name, tuple(WorkDisk(i, d.capacity_bytes, d.datastore) for i, d in enumerate(vm.backup_disks)))
 
 
 @dataclass(frozen=True)

@@ -162,9 +162,14 @@ class VM:
     tags: tuple[Tag, ...] = ()
 
     @property
+    def backup_disks(self) -> tuple[Disk, ...]:
+        """The disks a backup reads: every disk but physical-mode RDMs (which snapshots cannot capture)."""
+        return tuple(d for d in self.disks if d.backing != "rdm-physical")
+
+    @property
     def datastores(self) -> tuple[str, ...]:
         """The datastores holding the VM's backed-up disks, in disk order, each once."""
-        return tuple(dict.fromkeys(d.datastore for d in self.disks if d.backing != "rdm-physical"))
+        return tuple(dict.fromkeys(d.datastore for d in self.backup_disks))
 
     @property
     def total_bytes(self) -> int:

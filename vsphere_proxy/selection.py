@@ -38,11 +38,10 @@ def select_vms(inventory: Inventory, selection: Selection, proxies: set[str] | N
         if not because:
             continue
         excluded = next((p for p in selection.exclude if fnmatchcase(vm.name, p)), None)
-        readable = [d for d in vm.disks if d.backing != "rdm-physical"]
         skip = ("a template" if vm.template else
                 "a proxy of this job" if proxies and vm.name in proxies else
                 f"excluded by {excluded}" if excluded else
                 "no virtual disks" if not vm.disks else
-                "only physical-mode RDM disks, which a snapshot cannot capture" if not readable else "")
+                "only physical-mode RDM disks, which a snapshot cannot capture" if not vm.backup_disks else "")
         chosen.append(Selected(vm, because, skip))
     return chosen

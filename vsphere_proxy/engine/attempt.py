@@ -248,5 +248,5 @@ class RepositoryPreparer:
         except BaseException:
             snapshot.release()
             raise
-        keys = [d.key for d in vm.disks if d.backing != "rdm-physical"]  # as WorkVM.from_vm indexes them
+        keys = [d.key for d in vm.backup_disks]  # indexed as WorkVM.from_vm indexes them
         return RepositorySession(assignment, snapshot, point, base, keys, self.incremental)
