@@ -15,18 +15,18 @@ Resolvers:
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO, Protocol, Self
+from typing import Protocol, Self
 
 from adapters.errors import VSphereError
 from adapters.hotadd import AttachedDisk, attach_disk, detach_disk
 from adapters.retry import DEFAULT_RETRY, RetryPolicy
 from adapters.session import Session
 from vsphere_proxy.transports import DiskSource, TransportError, flat_path
+from vsphere_proxy.transports.file import LocalDisk
 
 
 class GuestDevices(Protocol):
@@ -89,9 +89,8 @@ class HotAddTransport:
         self._devices = devices
         self._retry = retry
         self._attached: AttachedDisk | None = None
-        self._file: BinaryIO | None = None
+        self._file: LocalDisk | None = None
         self._disk: DiskSource | None = None
-        self.attached_total = 0  # disks attached over the transport's life
 
     def open(self, disk: DiskSource) -> None:
         self.close()
@@ -101,14 +100,9 @@ class HotAddTransport:
                                              retry=self._retry)
         except VSphereError as e:
             raise TransportError(f"{disk}: hotadd: {e}") from None
-        self.attached_total += 1
         self._disk = disk
         try:
-            device = self._devices.path(self._attached, disk)
-            self._file = open(device, "rb", buffering=0)  # noqa: SIM115 - held until close()
-        except OSError as e:
-            self.close()
-            raise TransportError(f"{disk}: hotadd: cannot open the attached device: {e.strerror}") from None
+            self._file = LocalDisk(self._devices.path(self._attached, disk), disk, self.mode)
         except BaseException:
             self.close()
             raise
@@ -116,10 +110,7 @@ class HotAddTransport:
     def read_block(self, offset: int, length: int) -> bytes:
         if self._file is None:
             raise TransportError("hotadd: read before open")
-        try:
-            return os.pread(self._file.fileno(), length, offset)
-        except OSError as e:
-            raise TransportError(f"{self._disk}: hotadd: read at {offset}: {e.strerror}") from None
+        return self._file.read(offset, length)
 
     def close(self) -> None:
         """Close the device, then detach the disk; a failed detach is raised (the sweep would find it later)."""
