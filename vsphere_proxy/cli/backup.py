@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +26,7 @@ from vsphere_proxy.cli.common import (
     EXIT_FAILED,
     CommandError,
     Discovered,
+    add_config_argument,
     console,
     emit_json,
     read_config,
@@ -46,7 +46,7 @@ HELP = "back up the job's VMs through the proxies into the repository (embedded 
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("backup", help=HELP, description=HELP)
-    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print the job report as JSON")
     p.set_defaults(func=do_backup)
 
@@ -112,13 +112,7 @@ def _progress_display(enabled: bool) -> Progress | None:
                     TimeRemainingColumn(), console=console(), transient=False)
 
 
-@contextmanager
-def _maybe(progress: Progress | None) -> Iterator[None]:
-    with progress if progress is not None else nullcontext():
-        yield
-
-
-def run_backup(config: Config, found: Discovered, *, show_progress: bool = False) -> BackupReport:
+def run_backup(config: Config, found: Discovered, repo: Repository, *, show_progress: bool = False) -> BackupReport:
     """Sweep, run every round of the job on the embedded engine, record it in the catalog; return the report."""
     from adapters.backup import ProxyAccess, VSphereSnapshotter
     from adapters.hotadd import sweep_attached
@@ -127,7 +121,6 @@ def run_backup(config: Config, found: Discovered, *, show_progress: bool = False
 
     job_id = new_job_id(config.job.name)
     setup = build_job(config, found.inventory, job_id)
-    repo = open_repository(config, create=True)
     catalog = open_catalog(config)
     session = found.session
     policy = config.job.policy
@@ -174,7 +167,7 @@ def run_backup(config: Config, found: Discovered, *, show_progress: bool = False
                             on_progress=progress.update)
     coordinator = Coordinator(setup.job, InMemoryLedger())
     try:
-        with _maybe(progress.progress):
+        with progress.progress if progress.progress is not None else nullcontext():
             job_report = engine.run(coordinator)
     except BaseException:
         catalog.finish_job(job_id, "failed", {"error": "interrupted"})
@@ -229,10 +222,10 @@ def print_report(report: BackupReport) -> None:
 
 def do_backup(args: argparse.Namespace) -> int:
     config = read_config(args.config)
-    open_repository(config, create=True)  # a bad repository is bad input: say so before touching vCenter
+    repo = open_repository(config, create=True)  # a bad repository is bad input: say so before touching vCenter
     with vcenter(config) as found:
         try:
-            report = run_backup(config, found, show_progress=not args.json and console().is_terminal)
+            report = run_backup(config, found, repo, show_progress=not args.json and console().is_terminal)
         except RepositoryError as e:
             raise CommandError(str(e), EXIT_FAILED) from None
     if args.json:

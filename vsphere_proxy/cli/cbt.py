@@ -9,8 +9,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CommandError, console, emit_json, read_config
-from vsphere_proxy.cli.common import vcenter as vcenter_session
+from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandError,
+    add_config_argument,
+    console,
+    emit_json,
+    read_config,
+    vcenter,
+)
 
 HELP = "enable, disable or reset Changed Block Tracking (CBT) on VMs"
 
@@ -19,7 +28,7 @@ def build_parser(sub: Any) -> None:
     p = sub.add_parser("cbt", help=HELP, description=HELP)
     p.add_argument("action", choices=("enable", "disable", "reset", "status"))
     p.add_argument("--vm", action="append", required=True, help="a VM's name; repeat for several")
-    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=do_cbt)
 
@@ -30,7 +39,7 @@ def do_cbt(args: argparse.Namespace) -> int:
 
     config = read_config(args.config)
     results: list[dict[str, Any]] = []
-    with vcenter_session(config) as found:
+    with vcenter(config) as found:
         by_name = {vm.name: vm for vm in found.inventory.vms}
         unknown = [n for n in args.vm if n not in by_name]
         if unknown:

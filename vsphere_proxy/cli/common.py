@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -30,6 +31,10 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"configuration file (default: $VSPHERE_PROXY_CONFIG or ./{DEFAULT_CONFIG})")
 
 
 def config_path(arg: str | None) -> Path:

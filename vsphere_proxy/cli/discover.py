@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from vsphere_proxy.cli.common import EXIT_OK, console, emit_json, read_config, vcenter
+from vsphere_proxy.cli.common import EXIT_OK, add_config_argument, console, emit_json, read_config, vcenter
 from vsphere_proxy.model import Inventory
 
 HELP = "read the inventory from vCenter: clusters, hosts (HBAs, LUNs, paths), datastores, VMs"
@@ -17,7 +17,7 @@ HELP = "read the inventory from vCenter: clusters, hosts (HBAs, LUNs, paths), da
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("discover", help=HELP, description=HELP)
-    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print the whole inventory as JSON")
     p.set_defaults(func=do_discover)
 

@@ -9,14 +9,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from vsphere_proxy.cli.backup import open_catalog
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json, read_config
+from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    CommandError,
+    add_config_argument,
+    console,
+    emit_json,
+    read_config,
+)
 
 HELP = "list backup jobs from the catalog, or the attempts of one job"
 
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("jobs", help=HELP, description=HELP)
-    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    add_config_argument(p)
     p.add_argument("--job", help="show this job's attempts")
     p.add_argument("--limit", type=int, default=20, help="how many jobs to list (default 20)")
     p.add_argument("--json", action="store_true", help="print as JSON")

@@ -11,7 +11,16 @@ from typing import Any
 
 from rich.table import Table
 
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json, read_config, vcenter
+from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    CommandError,
+    add_config_argument,
+    console,
+    emit_json,
+    read_config,
+    vcenter,
+)
 from vsphere_proxy.config import Config, ConfigError
 from vsphere_proxy.coordinator import Assignment, Coordinator, Job, WorkVM
 from vsphere_proxy.ledger import InMemoryLedger
@@ -25,7 +34,7 @@ HELP = "dry run: access tiers with reasons, the priority list and the first assi
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("plan", help=HELP, description=HELP)
-    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--round", type=int, default=1, help="show eligibility for this round (default 1)")
     p.add_argument("--explain", action="store_true",

@@ -10,7 +10,16 @@ from typing import Any
 from rich.markup import escape
 
 from vsphere_proxy.cli.backup import open_repository
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CommandError, console, emit_json, read_config
+from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandError,
+    add_config_argument,
+    console,
+    emit_json,
+    read_config,
+)
 from vsphere_proxy.repository import RepositoryError
 
 HELP = "restore one disk of a VM's restore point to a flat image file"
@@ -18,7 +27,7 @@ HELP = "restore one disk of a VM's restore point to a flat image file"
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("restore", help=HELP, description=HELP)
-    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    add_config_argument(p)
     p.add_argument("--vm", required=True, help="the VM's name")
     p.add_argument("--point", help="restore point id (default: the VM's latest)")
     p.add_argument("--disk", type=int, required=True, help="disk index in the restore point (0 = first disk)")

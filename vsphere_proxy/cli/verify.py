@@ -7,7 +7,15 @@ import argparse
 from typing import Any
 
 from vsphere_proxy.cli.backup import open_repository
-from vsphere_proxy.cli.common import EXIT_FAILED, EXIT_OK, CommandError, console, emit_json, read_config
+from vsphere_proxy.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandError,
+    add_config_argument,
+    console,
+    emit_json,
+    read_config,
+)
 from vsphere_proxy.repository import RepositoryError
 
 HELP = "re-hash every chunk of the repository; report missing/corrupt chunks and the restore points they break"
@@ -15,7 +23,7 @@ HELP = "re-hash every chunk of the repository; report missing/corrupt chunks and
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("verify", help=HELP, description=HELP)
-    p.add_argument("--config", help="configuration file (default: $VSPHERE_PROXY_CONFIG or ./vsphere-proxy.yaml)")
+    add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=do_verify)
 
