@@ -83,3 +83,18 @@ def test_a_lease_not_renewed_expires_and_gives_its_stream_back(server: RedisServ
     assert ledger.proxy_active("dead") == 0 and ledger.datastore_active("ds") == 1
     assert [s.id for s in ledger.streams()] == ["alive/0"]
     assert ledger.acquire(Stream("dead/1", "j", "dead", ("ds",)), proxy_limit=1)
+
+
+def test_renewing_chosen_streams_keeps_only_them_and_expiry_counts_as_a_release(server: RedisServer) -> None:
+    ledger = RedisLedger(server.client(), prefix=f"t{time.monotonic_ns()}:", ttl=1.0)
+    for n in range(3):
+        assert ledger.acquire(Stream(f"s{n}", "job", "p1", ("ds1",)), 5)
+    before = ledger.releases()
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert ledger.renew_streams(["s0", "gone"]) == 1  # a stream no longer held is not brought back
+        time.sleep(0.1)
+    assert ledger.holds("s0") and not ledger.holds("s1") and not ledger.holds("s2")
+    assert ledger.releases() == before + 2
+    ledger.release("s0")
+    assert ledger.releases() == before + 3 and ledger.proxy_active("p1") == 0

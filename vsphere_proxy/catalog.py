@@ -15,7 +15,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -73,8 +85,8 @@ class ResultRow(_Base):
     proxy: Mapped[str | None] = mapped_column(String(80))
     mode: Mapped[str | None] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20))  # done | stranded | failed | unprotected | skipped
-    bytes_read: Mapped[int] = mapped_column(Integer, default=0)
-    bytes_written: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_written: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str] = mapped_column(Text, default="")
     fell_back: Mapped[str] = mapped_column(Text, default="")
@@ -89,7 +101,7 @@ class PointRow(_Base):
     vm: Mapped[str] = mapped_column(String(255), index=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     disks: Mapped[int] = mapped_column(Integer)
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ with skewed clocks agree.
 
 Keys, under `prefix`: `streams` (sorted set: stream id -> lease expiry, ms), `records` (hash: stream id -> JSON
 {job, proxy, datastores}), and one set of stream ids per proxy (`proxy:<name>`), datastore (`ds:<name>`) and job
-(`job:<id>`).
+(`job:<id>`), and `releases`, a counter of released or expired streams.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ for _, id in ipairs(expired) do
     redis.call('HDEL', p .. 'records', id)
   end
   redis.call('ZREM', p .. 'streams', id)
+  redis.call('INCR', p .. 'releases')
 end
 """
 
@@ -69,6 +70,7 @@ redis.call('SREM', p .. 'job:' .. r.job, id)
 for _, ds in ipairs(r.datastores) do redis.call('SREM', p .. 'ds:' .. ds, id) end
 redis.call('HDEL', p .. 'records', id)
 redis.call('ZREM', p .. 'streams', id)
+redis.call('INCR', p .. 'releases')
 return raw
 """
 
@@ -86,6 +88,18 @@ _RENEW = _PURGE + """
 local ids = redis.call('SMEMBERS', p .. 'proxy:' .. ARGV[3])
 for _, id in ipairs(ids) do redis.call('ZADD', p .. 'streams', 'XX', now + tonumber(ARGV[2]), id) end
 return #ids
+"""
+
+# ARGV: prefix, ttl_ms, stream ids...
+_RENEW_STREAMS = _PURGE + """
+local n = 0
+for i = 3, #ARGV do n = n + redis.call('ZADD', p .. 'streams', 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[i]) end
+return n
+"""
+
+# ARGV: prefix, stream id
+_HOLDS = _PURGE + """
+return redis.call('HEXISTS', p .. 'records', ARGV[2])
 """
 
 # ARGV: prefix, kind ("proxy" | "ds" | "job"), name
@@ -122,6 +136,8 @@ class RedisLedger:
         self._release = client.register_script(_RELEASE)
         self._narrow = client.register_script(_NARROW)
         self._renew = client.register_script(_RENEW)
+        self._renew_streams = client.register_script(_RENEW_STREAMS)
+        self._holds = client.register_script(_HOLDS)
         self._count = client.register_script(_COUNT)
         self._all = client.register_script(_ALL)
 
@@ -154,6 +170,21 @@ class RedisLedger:
     def renew(self, proxy: str) -> int:
         """Extend the lease of every stream of `proxy` by the ttl (the worker's heartbeat); how many."""
         return int(self._renew(args=[self.prefix, self.ttl_ms, proxy]))
+
+    def renew_streams(self, stream_ids: Collection[str]) -> int:
+        """Extend the leases of these streams (those still held) by the ttl; how many were renewed."""
+        if not stream_ids:
+            return 0
+        return int(self._renew_streams(args=[self.prefix, self.ttl_ms, *stream_ids]))
+
+    def holds(self, stream_id: str) -> bool:
+        """Whether the stream is still leased (a worker drops a task whose stream is gone)."""
+        return bool(self._holds(args=[self.prefix, stream_id]))
+
+    def releases(self) -> int:
+        """How many streams were ever released or expired: a coordinator that sees it move knows that another
+        job freed capacity."""
+        return int(self.client.get(self.prefix + "releases") or 0)
 
     def proxy_active(self, proxy: str) -> int:
         return int(self._count(args=[self.prefix, "proxy", proxy]))

@@ -1,0 +1,254 @@
+"""Streams of VM attempts, executed: what the embedded engine's threads and a Celery proxy worker both run.
+
+A stream reads one disk of one VM attempt through the attempt's transport into the attempt's sink, block by
+block. The first stream of an attempt prepares it (snapshot); its other streams wait for that. An attempt ends
+when all its disks are read (finish ok) or when a stream fails (the others stop at their next block; when none
+is left, finish not ok). Ending always runs the session's `finish`, which removes the snapshot. The caller turns
+each `StreamResult` into the coordinator's events: `disk_done` -> `on_disk_done`, `end` -> `on_complete`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vsphere_proxy.coordinator import Assignment
+from vsphere_proxy.engine.session import Finished, Preparer, VmSession
+from vsphere_proxy.transports import read_blocks
+
+log = logging.getLogger(__name__)
+
+AttemptKey = tuple[str, str, int]  # job, vm, attempt
+
+
+class _Aborted(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """What an engine reports when an attempt ends (for the catalog and the progress display)."""
+
+    vm: str
+    attempt: int
+    round: int
+    proxy: str
+    mode: str
+    ok: bool
+    error: str
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    point_id: str | None
+    notes: tuple[str, ...]
+    stats: Mapping[str, int] = field(default_factory=dict)
+    read: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"], data["stats"] = list(self.notes), dict(self.stats)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AttemptEnd:
+        return cls(**{**data, "notes": tuple(data.get("notes") or ()), "stats": dict(data.get("stats") or {})})
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """How one stream ended: its disk read (`disk_done`), and the attempt's end when this stream ended it."""
+
+    vm: str
+    attempt: int
+    disk: int
+    stream: str
+    disk_done: bool
+    end: AttemptEnd | None = None
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "attempt": self.attempt, "disk": self.disk, "stream": self.stream,
+                "disk_done": self.disk_done, "end": self.end.to_json() if self.end else None, "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StreamResult:
+        end = data.get("end")
+        return cls(data["vm"], int(data["attempt"]), int(data["disk"]), data["stream"], bool(data["disk_done"]),
+                   AttemptEnd.from_json(end) if end else None, data.get("error", ""))
+
+
+@dataclass
+class Attempt:
+    """One VM attempt while its streams run."""
+
+    job: str
+    vm: str
+    attempt: int
+    proxy: str
+    mode: str
+    round: int
+    disk_count: int
+    started: float
+    session: VmSession | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: str = ""
+    inflight: int = 0
+    disks_read: int = 0
+    bytes_read: int = 0
+    last_progress: dict[str, float] = field(default_factory=dict)  # stream -> clock
+    streams: set[str] = field(default_factory=set)  # every stream the attempt was given
+    idle_since: float | None = None  # no stream in flight since then
+    ended: bool = False
+
+
+class StreamRunner:
+    """Runs streams of attempts against a `Preparer`; keeps the attempts until they end."""
+
+    def __init__(self, preparer: Preparer, *, clock: Callable[[], float] = time.monotonic,
+                 on_progress: Callable[[Assignment, int], None] | None = None,
+                 ready_timeout: float | None = None) -> None:
+        self.preparer = preparer
+        self.clock = clock
+        self.on_progress = on_progress  # (assignment, position) after every block
+        self.ready_timeout = ready_timeout  # how long a stream waits for its attempt's snapshot
+        self.lock = threading.RLock()
+        self.attempts: dict[AttemptKey, Attempt] = {}
+
+    def admit(self, a: Assignment) -> Attempt:
+        """Count `a` as in flight (before it runs, so that queued streams are watched too)."""
+        key = (a.job, a.vm, a.attempt)
+        with self.lock:
+            at = self.attempts.get(key)
+            if at is None:
+                at = self.attempts[key] = Attempt(a.job, a.vm, a.attempt, a.proxy, a.mode, a.round, a.disk_count,
+                                                  self.clock())
+            at.inflight += 1
+            at.idle_since = None
+            at.streams.add(a.stream)
+            at.last_progress[a.stream] = self.clock()
+        return at
+
+    def run(self, a: Assignment, at: Attempt | None = None) -> StreamResult:
+        """Read `a`'s disk; end the attempt when this stream is its last."""
+        if at is None:
+            at = self.admit(a)
+        ok = False
+        try:
+            if at.ended:
+                raise _Aborted
+            if a.opens:
+                try:
+                    session = self.preparer.prepare(a)
+                except Exception as e:
+                    at.error = at.error or f"preparing {a.vm} on {a.proxy} failed: {e}"
+                    raise _Aborted from None
+                with self.lock:
+                    late = at.ended  # ended (stalled, abandoned) while the snapshot was being taken
+                    at.session = None if late else session
+                if late:
+                    self._discard(session, at)
+                    raise _Aborted
+            elif not at.ready.wait(self.ready_timeout):
+                at.error = at.error or f"{a.vm} attempt {a.attempt} was not prepared within {self.ready_timeout:g} s"
+                raise _Aborted
+            if at.error or at.session is None:
+                raise _Aborted
+            source, sink = at.session.source(a.disk), at.session.sink(a.disk)
+            with at.session.transport() as transport:
+                transport.open(source)
+                for offset, block in read_blocks(transport, source.capacity, offsets=sink.offsets()):
+                    if at.error or at.ended:
+                        raise _Aborted
+                    sink.write(offset, block)
+                    with self.lock:
+                        at.bytes_read += len(block)
+                        at.last_progress[a.stream] = self.clock()
+                    if self.on_progress is not None:
+                        self.on_progress(a, offset + len(block))
+            ok = True
+        except _Aborted:
+            pass
+        except Exception as e:
+            with self.lock:
+                at.error = at.error or f"{a.mode} read of {a.vm} disk {a.disk} on {a.proxy} failed: {e}"
+        finally:
+            if a.opens:
+                at.ready.set()  # whatever happened: the attempt's other streams stop waiting
+        closing = disk_done = False
+        with self.lock:
+            at.inflight -= 1
+            at.last_progress.pop(a.stream, None)
+            if at.inflight == 0:
+                at.idle_since = self.clock()
+            if at.ended:
+                pass  # abandoned (stalled) or already ended: a late return changes nothing
+            elif ok and not at.error:
+                at.disks_read += 1
+                disk_done = True
+                closing = at.ended = at.disks_read == at.disk_count
+            elif at.inflight == 0:
+                # failed, or read fine while another stream of the attempt failed: the last one closes it
+                closing = at.ended = True
+        end = self.close(at) if closing else None
+        return StreamResult(a.vm, a.attempt, a.disk, a.stream, disk_done, end, "" if ok else at.error)
+
+    @staticmethod
+    def _discard(session: VmSession, at: Attempt) -> None:
+        try:
+            session.finish(False)
+        except Exception:
+            log.exception("cleaning up %s attempt %d after it ended failed", at.vm, at.attempt)
+
+    def close(self, at: Attempt) -> AttemptEnd:
+        """Finish an ended attempt (cleanup always; outside the lock, it talks to vCenter)."""
+        at.ready.set()  # streams still waiting for the snapshot give up
+        ok = not at.error and at.disks_read == at.disk_count
+        result = Finished(None, 0)
+        if at.session is not None:
+            try:
+                result = at.session.finish(ok)
+            except Exception as e:  # commit or cleanup failed: the attempt failed
+                ok, at.error = False, at.error or f"finishing failed: {e}"
+        with self.lock:
+            self.attempts.pop((at.job, at.vm, at.attempt), None)
+        return AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error, at.bytes_read,
+                          result.bytes_written, self.clock() - at.started, result.point_id if ok else None,
+                          result.notes, result.stats, result.read)
+
+    def end(self, key: AttemptKey, error: str) -> AttemptEnd | None:
+        """End a running attempt now as failed (its streams stop at their next block); None when it ended."""
+        with self.lock:
+            at = self.attempts.get(key)
+            if at is None or at.ended:
+                return None
+            at.error = at.error or error
+            at.ended = True
+        return self.close(at)
+
+    def stalled(self, stall_seconds: float) -> list[tuple[Attempt, str]]:
+        """Attempts with a stream that made no progress for `stall_seconds`, with the reason."""
+        now, out = self.clock(), []
+        with self.lock:
+            for at in self.attempts.values():
+                if at.ended or not at.last_progress:
+                    continue
+                idle = now - min(at.last_progress.values())
+                if idle > stall_seconds:
+                    out.append((at, f"no progress for {idle:.0f} s (stall limit {stall_seconds:g} s)"))
+        return out
+
+    def idle(self, seconds: float) -> list[Attempt]:
+        """Open attempts without a stream in flight for `seconds` (their coordinator stopped handing disks)."""
+        now = self.clock()
+        with self.lock:
+            return [at for at in self.attempts.values()
+                    if not at.ended and at.idle_since is not None and now - at.idle_since > seconds]
+
+    def open_streams(self) -> set[str]:
+        """The streams of every open attempt (a worker's heartbeat renews their leases)."""
+        with self.lock:
+            return {s for at in self.attempts.values() if not at.ended for s in at.streams}
