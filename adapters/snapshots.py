@@ -215,10 +215,17 @@ def remove_snapshot(
     return retry.call(attempt, what)
 
 
+def job_prefix(job_id: str) -> str:
+    """The start of the name of every snapshot `snapshot_name` makes for `job_id`."""
+    stamp = 1 + len("20260101T000000Z") + 1 + 6
+    return SNAPSHOT_PREFIX + job_id[: NAME_MAX - len(SNAPSHOT_PREFIX) - stamp] + "-"
+
+
 def sweep_snapshots(
-    session: Session, vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY
+    session: Session, vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY, job_id: str | None = None
 ) -> list[SweptSnapshot]:
-    """Remove every snapshot of ours (name starts with `SNAPSHOT_PREFIX`) on the VMs; leave all others.
+    """Remove every snapshot of ours (name starts with `SNAPSHOT_PREFIX`; with `job_id`, only that job's) on the
+    VMs; leave all others.
 
     Children are removed before their parents. A removal that fails is reported with its error and the sweep
     goes on with the next one.
@@ -229,6 +236,8 @@ def sweep_snapshots(
     for ref in refs:
         entries = _entries(props.get(ref._moId, {}).get("snapshot"), ref._moId)
         for entry in ours_children_first(entries):
+            if job_id is not None and not entry.name.startswith(job_prefix(job_id)):
+                continue
             error = ""
             try:
                 remove_snapshot(session, entry.moref, retry=retry)

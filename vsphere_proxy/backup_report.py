@@ -45,6 +45,7 @@ class BackupReport:
     swept_disks: tuple[str, ...] = ()
     cleanup_errors: tuple[str, ...] = ()
     modes: dict[str, int] = field(default_factory=dict)  # done VMs per access mode
+    dispatch: dict[str, Any] = field(default_factory=dict)  # distributed engine: assignments, decide/queue ms
 
     @property
     def status(self) -> str:
@@ -68,13 +69,14 @@ class BackupReport:
             **self.totals(),
             "swept": {"snapshots": list(self.swept_snapshots), "attached_disks": list(self.swept_disks),
                       "errors": list(self.cleanup_errors)},
+            "dispatch": self.dispatch,
             "vms": [v.to_json() for v in self.vms],
         }
 
 
 def build_report(job_id: str, job: JobReport, ends: Iterable[AttemptEnd], skipped: Sequence[tuple[str, str]],
                  *, swept_snapshots: Sequence[str] = (), swept_disks: Sequence[str] = (),
-                 cleanup_errors: Sequence[str] = ()) -> BackupReport:
+                 cleanup_errors: Sequence[str] = (), dispatch: dict[str, Any] | None = None) -> BackupReport:
     """Join the coordinator's outcomes with each VM's last attempt; `skipped` is (vm, reason)."""
     last: dict[str, AttemptEnd] = {}
     for e in ends:
@@ -100,4 +102,4 @@ def build_report(job_id: str, job: JobReport, ends: Iterable[AttemptEnd], skippe
         if line.status == VmStatus.DONE.value and line.mode:
             modes[line.mode] = modes.get(line.mode, 0) + 1
     return BackupReport(job_id, job, tuple(sorted(lines, key=lambda x: x.vm)), tuple(swept_snapshots),
-                        tuple(swept_disks), tuple(cleanup_errors), dict(sorted(modes.items())))
+                        tuple(swept_disks), tuple(cleanup_errors), dict(sorted(modes.items())), dict(dispatch or {}))

@@ -104,6 +104,35 @@ class PointRow(_Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
 
 
+class JobVmRow(_Base):
+    """Where each VM of a job stands, kept by its coordinator as it goes, so that another coordinator can take the
+    job over (`backup --resume`)."""
+
+    __tablename__ = "job_vms"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    vm: Mapped[str] = mapped_column(String(255), primary_key=True)
+    status: Mapped[str] = mapped_column(String(20))  # pending | running | stranded | done | failed | unprotected
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    proxy: Mapped[str | None] = mapped_column(String(80))
+    mode: Mapped[str | None] = mapped_column(String(20))
+    error: Mapped[str] = mapped_column(Text, default="")
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class VmState:
+    """One VM's place in a running job."""
+
+    vm: str
+    status: str
+    round: int = 0
+    attempts: int = 0
+    proxy: str | None = None
+    mode: str | None = None
+    error: str = ""
+
+
 @dataclass(frozen=True)
 class VmResult:
     """One VM attempt as the catalog keeps it."""
@@ -180,6 +209,35 @@ class Catalog:
     def record(self, job_id: str, result: VmResult) -> None:
         with self._tx() as s:
             s.add(ResultRow(job_id=job_id, ended=now(), **result.__dict__))
+
+    def set_states(self, job_id: str, states: Sequence[VmState]) -> None:
+        """Record where these VMs of the job stand now (one transaction)."""
+        at = now()
+        with self._tx() as s:
+            for st in states:
+                s.merge(JobVmRow(job_id=job_id, updated=at, **st.__dict__))
+
+    def states(self, job_id: str) -> dict[str, VmState]:
+        with self._session() as s:
+            rows = s.scalars(select(JobVmRow).where(JobVmRow.job_id == job_id).order_by(JobVmRow.vm))
+            return {r.vm: VmState(r.vm, r.status, r.round, r.attempts, r.proxy, r.mode, r.error) for r in rows}
+
+    def reopen_job(self, job_id: str, coordinator: str) -> None:
+        """Another coordinator takes the running job over: the coordinator role moves to it."""
+        at = now()
+        with self._tx() as s:
+            job = s.get(JobRow, job_id)
+            if job is None:
+                raise CatalogError(f"job {job_id}: not in the catalog")
+            for role in s.scalars(select(RoleRow).where(RoleRow.job_id == job_id, RoleRow.role == "coordinator",
+                                                        RoleRow.rescinded.is_(None))):
+                role.rescinded = at
+            s.flush()
+            old = s.get(RoleRow, (job_id, coordinator))
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            s.add(RoleRow(job_id=job_id, proxy=coordinator, role="coordinator", granted=at, rescinded=None))
 
     def add_point(self, job_id: str, point_id: str, vm: str, disks: int, size: int) -> None:
         with self._tx() as s:

@@ -137,6 +137,8 @@ class ProxyConfig(_Strict):
     # hot-add: how the proxy VM's guest names an attached disk: /dev/disk/by-id/wwn-0x<disk uuid> (needs
     # disk.EnableUUID), or, for the simulator, which has no guest, the disk's flat file under `paths`
     hotadd_devices: Literal["disk-uuid", "simulated"] = "disk-uuid"
+    # throttling: each stream of this proxy reads at most this many MB/s (null: as fast as it can)
+    stream_mb_s: Annotated[float, Field(gt=0, le=1e6)] | None = None
 
     @model_validator(mode="after")
     def _by_kind(self) -> ProxyConfig:
@@ -225,11 +227,65 @@ class RepositoryConfig(_Strict):
         return self.catalog or str(self.path.parent / f"{self.path.name}.catalog.sqlite")
 
 
+def _redis_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("must be a redis:// or rediss:// URL with a host")
+    if parts.password:
+        raise ValueError("must not contain a password; use distributed.password_env")
+    return v
+
+
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
+
+
+class DistributedConfig(_Strict):
+    """The distributed engine (DESIGN §6): proxies as Celery workers; Redis as broker, result backend and ledger."""
+
+    broker: RedisUrl
+    backend: RedisUrl | None = None  # default: the broker
+    ledger: RedisUrl | None = None  # default: the broker
+    password_env: str | None = None  # the Redis password, from this environment variable
+    lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0  # a stream's lease; a dead worker's expire
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=600)] | None = None  # default: a third of the lease
+    idle_seconds: Annotated[float, Field(gt=0, le=86_400)] = 120.0  # a worker ends an attempt no one feeds
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> DistributedConfig:
+        if self.heartbeat_seconds is not None and self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(f"heartbeat_seconds: must be shorter than lease_seconds {self.lease_seconds:g}"
+                             f" (got {self.heartbeat_seconds:g})")
+        return self
+
+    @property
+    def heartbeat(self) -> float:
+        return self.heartbeat_seconds or self.lease_seconds / 3
+
+    def url(self, which: Literal["broker", "backend", "ledger"], env: Mapping[str, str] | None = None) -> str:
+        """The URL with the password from `password_env` put in (never logged, never in the file)."""
+        url = getattr(self, which) or self.broker
+        if self.password_env is None:
+            return url
+        env = os.environ if env is None else env
+        password = env.get(self.password_env, "")
+        if not password:
+            raise ConfigError(f"distributed.password_env: environment variable {self.password_env} is not set")
+        parts = urlsplit(url)
+        user = parts.username or ""
+        from urllib.parse import quote
+
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return parts._replace(netloc=netloc).geturl()
+
+
 class Config(_Strict):
     vcenter: VCenterConfig
     proxies: Annotated[list[ProxyConfig], Field(min_length=1)]
     job: JobConfig
     repository: RepositoryConfig | None = None  # needed by backup, restore and verify
+    distributed: DistributedConfig | None = None  # needed by `worker` and `backup --engine celery`
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -15,7 +15,7 @@ attempt with `on_complete(vm, ok, error)`; a failed attempt strands the VM until
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -451,16 +451,28 @@ class Coordinator:
         """(stream, vm, disk) of every stream this job holds."""
         return [(s, r.vm.name, d) for r in self._runs.values() for s, d in r.streams.items()]
 
+    def carry_over(self, attempts: Mapping[str, int], round_number: int) -> None:
+        """Take a job over from a coordinator that stopped: attempts go on from the numbers it reached (stream ids
+        stay unique) and the first round is the one it was in."""
+        if self._started:
+            raise RuntimeError(f"job {self.job.id} already started")
+        for vm, n in attempts.items():
+            if vm in self._runs:
+                self._runs[vm].attempts = n
+        self.round = max(0, round_number - 1)
+
+    def outcome(self, vm: str) -> VmOutcome:
+        run = self._runs[vm]
+        best = self.job.table.best_tier(run.vm.name)
+        fell_back = ""
+        if run.status is VmStatus.DONE and best is not None and run.tier is not None and run.tier > best:
+            fell_back = f"fell back from {best.label} to {run.tier.label}: {self._why_not_better(run, best)}"
+        error = "" if run.status is VmStatus.DONE else run.error
+        return VmOutcome(run.vm.name, run.status, run.proxy, run.mode, run.tier, best, run.round,
+                         run.attempts, run.vm.total_bytes, error, fell_back)
+
     def report(self) -> JobReport:
-        outcomes = []
-        for run in self._runs.values():
-            best = self.job.table.best_tier(run.vm.name)
-            fell_back = ""
-            if run.status is VmStatus.DONE and best is not None and run.tier is not None and run.tier > best:
-                fell_back = f"fell back from {best.label} to {run.tier.label}: {self._why_not_better(run, best)}"
-            error = "" if run.status is VmStatus.DONE else run.error
-            outcomes.append(VmOutcome(run.vm.name, run.status, run.proxy, run.mode, run.tier, best, run.round,
-                                      run.attempts, run.vm.total_bytes, error, fell_back))
+        outcomes = [self.outcome(name) for name in self._runs]
         statuses = Counter(o.status for o in outcomes)
         if not self._finished:
             status = "running"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import socket
 import threading
+from collections.abc import Iterable
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
@@ -32,22 +34,30 @@ from vsphere_proxy.cli.common import (
     read_config,
     vcenter,
 )
+from vsphere_proxy.cli.fleet import Fleet
 from vsphere_proxy.cli.plan import build_job
+from vsphere_proxy.cli.resume import Earlier, StateKeeper
 from vsphere_proxy.config import Config
-from vsphere_proxy.coordinator import Coordinator
+from vsphere_proxy.coordinator import Assignment, Coordinator
 from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
 from vsphere_proxy.ledger import InMemoryLedger
+from vsphere_proxy.model import VM, Proxy
 from vsphere_proxy.repository import Repository, RepositoryError
 from vsphere_proxy.units import human_size
 
-HELP = "back up the job's VMs through the proxies into the repository (embedded engine)"
+HELP = "back up the job's VMs through the proxies into the repository"
 
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("backup", help=HELP, description=HELP)
     add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print the job report as JSON")
+    p.add_argument("--engine", choices=("embedded", "celery"), default="embedded",
+                   help="embedded: proxies as threads of this process (default); celery: proxies as workers "
+                        "(`vsphere-proxy worker`), per the config's `distributed` section")
+    p.add_argument("--resume", metavar="JOB", help="take over job JOB, whose coordinator stopped: what it backed up "
+                   "stays done, the rest is backed up")
     p.set_defaults(func=do_backup)
 
 
@@ -112,16 +122,63 @@ def _progress_display(enabled: bool) -> Progress | None:
                     TimeRemainingColumn(), console=console(), transient=False)
 
 
-def run_backup(config: Config, found: Discovered, repo: Repository, *, show_progress: bool = False) -> BackupReport:
-    """Sweep, run every round of the job on the embedded engine, record it in the catalog; return the report."""
-    from adapters.backup import ProxyAccess, VSphereSnapshotter
-    from adapters.hotadd import sweep_attached
+def proxy_access(config: Config, proxies: Iterable[Proxy]) -> dict[str, Any]:
+    """How each proxy reaches disks (adapters.backup.ProxyAccess): its VM, its mounts, its hot-add devices."""
+    from adapters.backup import ProxyAccess
     from adapters.hotadd_transport import DiskUuidDevices, GuestDevices, SimulatedGuestDevices
+
+    access = {}
+    configs = {pc.name: pc for pc in config.proxies}
+    for proxy in proxies:
+        pc = configs[proxy.name]
+        devices: GuestDevices | None = None
+        if proxy.vm_moref:
+            devices = SimulatedGuestDevices(pc.paths) if pc.hotadd_devices == "simulated" else DiskUuidDevices()
+        access[proxy.name] = ProxyAccess(proxy.name, proxy.vm_moref, dict(pc.paths), devices)
+    return access
+
+
+def attempt_result(end: AttemptEnd) -> VmResult:
+    """An attempt as the catalog keeps it."""
+    return VmResult(vm=end.vm, round=end.round, attempt=end.attempt, proxy=end.proxy, mode=end.mode,
+                    status="done" if end.ok else "stranded", bytes_read=end.bytes_read,
+                    bytes_written=end.bytes_written, seconds=end.seconds, error=end.error, point_id=end.point_id)
+
+
+def record_attempt(catalog: Catalog, job_id: str, end: AttemptEnd, vm: VM | None) -> None:
+    catalog.record(job_id, attempt_result(end))
+    if end.point_id and vm is not None:
+        catalog.add_point(job_id, end.point_id, end.vm, len(vm.backup_disks), vm.total_bytes)
+
+
+def throttles(config: Config) -> dict[str, float]:
+    """proxy -> the most bytes per second one of its streams may read (proxies[].stream_mb_s)."""
+    return {pc.name: pc.stream_mb_s * 1_000_000 for pc in config.proxies if pc.stream_mb_s}
+
+
+def run_backup(config: Config, found: Discovered, repo: Repository, *, show_progress: bool = False,
+               engine: str = "embedded", resume: str | None = None) -> BackupReport:
+    """Sweep, run every round of the job on the chosen engine, keep it in the catalog; return the report.
+
+    With `resume`, take over a job whose coordinator stopped: VMs it backed up stay done, the others are
+    backed up in the round it had reached."""
+    from adapters.backup import VSphereSnapshotter
+    from adapters.hotadd import sweep_attached
     from adapters.snapshots import sweep_snapshots
 
-    job_id = new_job_id(config.job.name)
-    setup = build_job(config, found.inventory, job_id)
     catalog = open_catalog(config)
+    try:
+        earlier = Earlier.load(catalog, resume, config, engine) if resume else None
+        job_id = resume or new_job_id(config.job.name)
+        setup = build_job(config, found.inventory, job_id)
+        if earlier is not None:
+            setup = earlier.remaining(setup)
+        fleet = Fleet.open(config, job_id) if engine == "celery" else None
+        if earlier is not None and fleet is not None:
+            fleet.drain(config.job.policy.stall_seconds, out=console() if show_progress else None)
+    except BaseException:
+        catalog.close()
+        raise
     session = found.session
     policy = config.job.policy
     vms = {s.vm.name: s.vm for s in setup.selected if not s.skip}
@@ -132,51 +189,78 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
     errors = [f"snapshot {s.name} on {s.vm_moref}: {s.error}" for s in swept_snaps if s.error]
     errors += [f"disk {d.disk.file} on {d.disk.proxy_moref}: {d.error}" for d in swept_disks if d.error]
 
-    access = {}
-    configs = {pc.name: pc for pc in config.proxies}
-    for proxy in setup.proxies:
-        pc = configs[proxy.name]
-        devices: GuestDevices | None = None
-        if proxy.vm_moref:
-            devices = SimulatedGuestDevices(pc.paths) if pc.hotadd_devices == "simulated" else DiskUuidDevices()
-        access[proxy.name] = ProxyAccess(proxy.name, proxy.vm_moref, dict(pc.paths), devices)
-    snapshotter = VSphereSnapshotter(session, found.inventory.datacenter, vms, access, job_id,
-                                     quiesce=policy.quiesce)
-    preparer = RepositoryPreparer(snapshotter, repo, job_id, vms, incremental=policy.incremental)
-
-    catalog.start_job(job_id, config.job.name, engine="embedded", policy=policy.model_dump(mode="json"),
-                      coordinator="embedded", controllers=[p.name for p in setup.proxies])
-    ends: list[AttemptEnd] = []
-    rounds: set[int] = set()
+    coordinator_role = "embedded" if engine == "embedded" else f"coordinator@{socket.gethostname()}"
+    if earlier is None:
+        catalog.start_job(job_id, config.job.name, engine=engine, policy=policy.model_dump(mode="json"),
+                          coordinator=coordinator_role, controllers=[p.name for p in setup.proxies])
+    else:
+        catalog.reopen_job(job_id, coordinator_role)
+    ends: list[AttemptEnd] = list(earlier.ends) if earlier else []
+    rounds: set[int] = set(earlier.rounds) if earlier else set()
     progress = _Progress(_progress_display(show_progress), {n: v.total_bytes for n, v in vms.items()})
+    states = StateKeeper(catalog, job_id)
+
+    def on_start(a: Assignment) -> None:
+        if a.round not in rounds:
+            rounds.add(a.round)
+            catalog.start_round(job_id, a.round, len(setup.job.vms))
 
     def on_end(end: AttemptEnd) -> None:
         ends.append(end)
-        if end.round not in rounds:
-            rounds.add(end.round)
-            catalog.start_round(job_id, end.round, len(vms))
-        catalog.record(job_id, VmResult(
-            vm=end.vm, round=end.round, attempt=end.attempt, proxy=end.proxy, mode=end.mode,
-            status="done" if end.ok else "stranded", bytes_read=end.bytes_read, bytes_written=end.bytes_written,
-            seconds=end.seconds, error=end.error, point_id=end.point_id))
-        if end.point_id:
-            catalog.add_point(job_id, end.point_id, end.vm, len(vms[end.vm].disks), vms[end.vm].total_bytes)
+        if engine == "embedded":  # a proxy worker records its own attempts
+            record_attempt(catalog, job_id, end, vms.get(end.vm))
         progress.ended(end)
 
-    engine = EmbeddedEngine(preparer, stall_seconds=policy.stall_seconds, on_end=on_end,
-                            on_progress=progress.update)
-    coordinator = Coordinator(setup.job, InMemoryLedger())
+    coordinator = Coordinator(setup.job, fleet.ledger if fleet else InMemoryLedger())
+    if earlier is not None:
+        coordinator.carry_over(earlier.attempts, earlier.round)
     try:
         with progress.progress if progress.progress is not None else nullcontext():
-            job_report = engine.run(coordinator)
+            if fleet is not None:
+                def lost(proxy: str, running: list[str]) -> None:
+                    moref = next((p.vm_moref for p in setup.proxies if p.name == proxy), None)
+                    if moref:
+                        sweep_attached(session, [moref])
+                    sweep_snapshots(session, [vms[v].moref for v in running if v in vms], job_id=job_id)
+
+                job_context = {"id": job_id, "incremental": policy.incremental, "quiesce": policy.quiesce,
+                               "repository": str(repo.path)}
+                celery_engine = fleet.engine(job_context, on_start=on_start, on_end=on_end, on_proxy_lost=lost,
+                                             on_change=states.changed)
+                job_report = celery_engine.run(coordinator)
+                dispatch = celery_engine.stats.to_json()
+            else:
+                snapshotter = VSphereSnapshotter(session, found.inventory.datacenter, vms,
+                                                 proxy_access(config, setup.proxies), job_id, quiesce=policy.quiesce)
+                preparer = RepositoryPreparer(snapshotter, repo, job_id, vms, incremental=policy.incremental)
+
+                def started(a: Assignment) -> None:
+                    on_start(a)
+                    states.changed(coordinator, [a.vm])
+
+                def ended(end: AttemptEnd) -> None:
+                    on_end(end)
+                    states.changed(coordinator, [end.vm])
+
+                embedded = EmbeddedEngine(preparer, stall_seconds=policy.stall_seconds, on_end=ended,
+                                          on_progress=progress.update, on_start=started,
+                                          throttle=throttles(config))
+                states.changed(coordinator, [vm.name for vm in setup.job.vms])
+                job_report = embedded.run(coordinator)
+                dispatch = {}
     except BaseException:
-        catalog.finish_job(job_id, "failed", {"error": "interrupted"})
-        catalog.close()
+        catalog.close()  # the job stays `running` in the catalog: `backup --resume` takes it over
         raise
+    finally:
+        if fleet is not None:
+            fleet.close()
+    states.changed(coordinator, [vm.name for vm in setup.job.vms])
+    if earlier is not None:
+        job_report = earlier.merged(job_report)
     report = build_report(job_id, job_report, ends, skipped,
                           swept_snapshots=[f"{s.name} ({s.vm_moref})" for s in swept_snaps if s.removed],
                           swept_disks=[f"{d.disk.file} ({d.disk.proxy_moref})" for d in swept_disks if d.detached],
-                          cleanup_errors=errors)
+                          cleanup_errors=errors, dispatch=dispatch)
     summary = {k: v for k, v in report.to_json().items() if k != "vms"}
     catalog.finish_job(job_id, report.status, summary)
     catalog.close()
@@ -225,7 +309,8 @@ def do_backup(args: argparse.Namespace) -> int:
     repo = open_repository(config, create=True)  # a bad repository is bad input: say so before touching vCenter
     with vcenter(config) as found:
         try:
-            report = run_backup(config, found, repo, show_progress=not args.json and console().is_terminal)
+            report = run_backup(config, found, repo, show_progress=not args.json and console().is_terminal,
+                                engine=args.engine, resume=args.resume)
         except RepositoryError as e:
             raise CommandError(str(e), EXIT_FAILED) from None
     if args.json:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
@@ -29,7 +29,8 @@ class EmbeddedEngine:
                  clock: Callable[[], float] = time.monotonic, tick: float = 0.5,
                  on_end: Callable[[AttemptEnd], None] | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None,
-                 on_start: Callable[[Assignment], None] | None = None) -> None:
+                 on_start: Callable[[Assignment], None] | None = None,
+                 throttle: Mapping[str, float] | None = None) -> None:
         self.preparer = preparer
         self.stall_seconds = stall_seconds
         self.clock = clock
@@ -37,12 +38,13 @@ class EmbeddedEngine:
         self.on_end = on_end
         self.on_progress = on_progress  # (vm, disk, bytes) after every block
         self.on_start = on_start  # every assignment that opens an attempt, before it runs
+        self.throttle = dict(throttle or {})  # proxy -> the most bytes per second one of its streams reads
 
     def run(self, coordinator: Coordinator) -> JobReport:
         lock = threading.RLock()
         finished = threading.Event()
         progress = self.on_progress
-        runner = StreamRunner(self.preparer, clock=self.clock,
+        runner = StreamRunner(self.preparer, clock=self.clock, throttle=self.throttle,
                               on_progress=(lambda a, pos: progress(a.vm, a.disk, pos)) if progress else None)
         pools = {name: ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix=f"proxy-{name}")
                  for name, limit in coordinator.limits.items()}

@@ -110,11 +110,14 @@ class StreamRunner:
 
     def __init__(self, preparer: Preparer, *, clock: Callable[[], float] = time.monotonic,
                  on_progress: Callable[[Assignment, int], None] | None = None,
-                 ready_timeout: float | None = None) -> None:
+                 ready_timeout: float | None = None, throttle: Mapping[str, float] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.preparer = preparer
         self.clock = clock
         self.on_progress = on_progress  # (assignment, position) after every block
         self.ready_timeout = ready_timeout  # how long a stream waits for its attempt's snapshot
+        self.throttle = dict(throttle or {})  # proxy -> the most bytes per second one of its streams reads
+        self.sleep = sleep
         self.lock = threading.RLock()
         self.attempts: dict[AttemptKey, Attempt] = {}
 
@@ -158,6 +161,7 @@ class StreamRunner:
             if at.error or at.session is None:
                 raise _Aborted
             source, sink = at.session.source(a.disk), at.session.sink(a.disk)
+            rate, began, moved = self.throttle.get(a.proxy), time.monotonic(), 0
             with at.session.transport() as transport:
                 transport.open(source)
                 for offset, block in read_blocks(transport, source.capacity, offsets=sink.offsets()):
@@ -169,6 +173,11 @@ class StreamRunner:
                         at.last_progress[a.stream] = self.clock()
                     if self.on_progress is not None:
                         self.on_progress(a, offset + len(block))
+                    if rate:
+                        moved += len(block)
+                        ahead = moved / rate - (time.monotonic() - began)
+                        if ahead > 0:
+                            self.sleep(ahead)
             ok = True
         except _Aborted:
             pass

@@ -1,0 +1,89 @@
+"""The distributed engine's connections for one job: Redis (ledger, heartbeats, event lists) and the Celery app
+that queues streams on the proxies' workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rich.console import Console
+
+from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
+from vsphere_proxy.config import Config, ConfigError, DistributedConfig
+from vsphere_proxy.coordinator import Assignment, Coordinator
+from vsphere_proxy.engine.distributed import CeleryEngine
+from vsphere_proxy.engine.streams import AttemptEnd
+from vsphere_proxy.engine.worker import events_key
+from vsphere_proxy.ledger_redis import RedisLedger
+
+
+def redis_client(dist: DistributedConfig) -> tuple[redis.Redis, RedisLedger]:
+    """Connect to the ledger's Redis (checked with a PING); one-line errors that never show a password."""
+    try:
+        url = dist.url("ledger")
+    except ConfigError as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        shown = dist.ledger or dist.broker
+        raise CommandError(f"distributed.ledger: {shown}: cannot reach Redis ({type(e).__name__})", EXIT_FAILED) \
+            from None
+    return client, RedisLedger(client, ttl=dist.lease_seconds)
+
+
+@dataclass
+class Fleet:
+    config: DistributedConfig
+    job_id: str
+    client: redis.Redis
+    ledger: RedisLedger
+    app: Any
+
+    @classmethod
+    def open(cls, config: Config, job_id: str) -> Fleet:
+        from vsphere_proxy.engine.celery_app import make_app
+
+        dist = config.distributed
+        if dist is None:
+            raise CommandError("distributed: not configured; `--engine celery` needs `distributed: {broker: "
+                               "redis://host:6379/0}`", EXIT_BAD_INPUT)
+        client, ledger = redis_client(dist)
+        try:
+            app = make_app(dist.url("broker"), dist.url("backend"))
+        except ConfigError as e:
+            raise CommandError(str(e), EXIT_BAD_INPUT) from None
+        return cls(dist, job_id, client, ledger, app)
+
+    def engine(self, job_context: dict[str, Any], *, on_start: Callable[[Assignment], None],
+               on_end: Callable[[AttemptEnd], None], on_proxy_lost: Callable[[str, list[str]], None],
+               on_change: Callable[[Coordinator, Iterable[str]], None]) -> CeleryEngine:
+        from vsphere_proxy.engine.celery_app import send_stream
+
+        return CeleryEngine(lambda payload, proxy: send_stream(self.app, payload, proxy), self.ledger, self.client,
+                            job_context=job_context, watch_every=min(1.0, self.config.heartbeat),
+                            on_start=on_start, on_end=on_end, on_proxy_lost=on_proxy_lost, on_change=on_change)
+
+    def drain(self, stall_seconds: float, out: Console | None = None) -> None:
+        """Wait until the streams a stopped coordinator left are gone: each ends on its worker (attempts no one
+        feeds end after `idle_seconds`) or its lease expires; then forget that coordinator's events."""
+        d = self.config
+        deadline = time.monotonic() + stall_seconds + d.idle_seconds + 2 * d.lease_seconds
+        held = self.ledger.job_active(self.job_id)
+        if held and out is not None:
+            out.print(f"waiting for the {held} streams job {self.job_id} still holds to end")
+        while held:
+            if time.monotonic() > deadline:
+                raise CommandError(f"--resume: job {self.job_id} still holds {held} streams; is its coordinator "
+                                   "still running?", EXIT_FAILED)
+            time.sleep(0.25)
+            held = self.ledger.job_active(self.job_id)
+        self.client.delete(events_key(self.job_id))
+
+    def close(self) -> None:
+        self.client.close()
+        self.app.close()

@@ -1,0 +1,91 @@
+"""`vsphere-proxy worker --proxy NAME`: the proxy's agent on the distributed engine. A Celery worker on queue
+`proxy.<NAME>` with as many threads as the proxy's stream limit; each task is one stream of a VM attempt, run by
+the same code as the embedded engine (snapshot, transport, repository, snapshot removed). Attempts go to the
+catalog from here; results go back to the job's coordinator through Redis; a heartbeat keeps the proxy alive
+and its streams' leases renewed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from vsphere_proxy.cli.backup import open_catalog, open_repository, proxy_access, record_attempt, throttles
+from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, add_config_argument, read_config, vcenter
+from vsphere_proxy.cli.fleet import redis_client
+from vsphere_proxy.config import ConfigError
+from vsphere_proxy.engine.attempt import RepositoryPreparer
+from vsphere_proxy.engine.session import Preparer
+from vsphere_proxy.engine.streams import AttemptEnd
+from vsphere_proxy.proxies import resolve_proxies
+
+HELP = "serve one proxy's streams to the distributed engine (a Celery worker on queue proxy.<NAME>)"
+
+
+def build_parser(sub: Any) -> None:
+    p = sub.add_parser("worker", help=HELP, description=HELP)
+    add_config_argument(p)
+    p.add_argument("--proxy", required=True, help="the proxy this worker is (a name from the config's proxies)")
+    p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.set_defaults(func=do_worker)
+
+
+def do_worker(args: argparse.Namespace) -> int:
+    from adapters.backup import VSphereSnapshotter
+    from adapters.discovery import discover
+    from vsphere_proxy.engine.celery_app import make_app, run_worker
+    from vsphere_proxy.engine.worker import ProxyWorker
+
+    config = read_config(args.config)
+    names = [p.name for p in config.proxies]
+    if args.proxy not in names:
+        raise CommandError(f"--proxy: {args.proxy!r} is not one of the configured proxies ({', '.join(names)})",
+                           EXIT_BAD_INPUT)
+    dist = config.distributed
+    if dist is None:
+        raise CommandError("distributed: not configured; a worker needs `distributed: {broker: redis://host:6379/0}`",
+                           EXIT_BAD_INPUT)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.proxy} %(levelname)s %(message)s")
+    repo = open_repository(config, create=True)
+    catalog = open_catalog(config)
+    client, ledger = redis_client(dist)
+    policy = config.job.policy
+    pc = next(p for p in config.proxies if p.name == args.proxy)
+    try:
+        broker, backend = dist.url("broker"), dist.url("backend")
+    except ConfigError as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+    with vcenter(config) as found:
+        try:
+            proxy = next(p for p in resolve_proxies([pc], found.inventory))
+        except ConfigError as e:
+            raise CommandError(str(e), EXIT_BAD_INPUT) from None
+        access = proxy_access(config, [proxy])
+        limit = policy.to_policy().formula(proxy)
+        session = found.session
+        inventory = {"vms": {vm.name: vm for vm in found.inventory.vms}}
+
+        def preparer(job: Mapping[str, Any]) -> Preparer:
+            if job.get("repository") not in (None, str(repo.path)):
+                raise RuntimeError(f"job {job['id']} writes to repository {job['repository']}, this worker to "
+                                   f"{repo.path}")
+            inventory["vms"] = {vm.name: vm for vm in discover(session).vms}  # the VMs as they are now
+            vms = inventory["vms"]
+            snapshotter = VSphereSnapshotter(session, found.inventory.datacenter, vms, access, str(job["id"]),
+                                             quiesce=bool(job.get("quiesce", False)))
+            return RepositoryPreparer(snapshotter, repo, str(job["id"]), vms,
+                                      incremental=bool(job.get("incremental", True)))
+
+        def record(job_id: str, end: AttemptEnd) -> None:
+            record_attempt(catalog, job_id, end, inventory["vms"].get(end.vm))
+
+        worker = ProxyWorker(proxy.name, limit, preparer, ledger, client, record=record,
+                             lease=dist.lease_seconds, heartbeat=dist.heartbeat, stall_seconds=policy.stall_seconds,
+                             idle_seconds=dist.idle_seconds, stream_bytes_per_s=throttles(config).get(proxy.name))
+        try:
+            run_worker(make_app(broker, backend), worker, loglevel=args.log_level)
+        finally:
+            catalog.close()
+            client.close()
+    return EXIT_OK

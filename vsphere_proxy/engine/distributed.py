@@ -1,0 +1,169 @@
+"""The distributed engine: the same `Coordinator`, its assignments sent as Celery tasks to the proxies' queues,
+its events read from what the proxy workers report (DESIGN §6).
+
+The loop reads the job's event list in Redis (each stream's result, and attempts a worker ended by itself) and
+turns each into the coordinator's events, exactly as the embedded engine does with its threads' results. Between
+events it watches the fleet: a proxy whose heartbeat is gone is down (its running VMs are cleaned up through
+`on_proxy_lost`, then stranded by `on_proxy_down` and re-planned in a later round); one that comes back is up
+again. It renews the leases of its streams on live proxies (a stream still queued has no worker to renew it),
+and, when streams were released anywhere (another job), lets the coordinator use them (`on_released`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
+from vsphere_proxy.engine.streams import AttemptEnd, StreamResult
+from vsphere_proxy.engine.worker import assignment_to_json, events_key, heartbeat_key
+
+log = logging.getLogger(__name__)
+
+
+class FleetLedger(Protocol):
+    """The ledger as this engine needs it (`RedisLedger`)."""
+
+    def renew_streams(self, stream_ids: list[str]) -> int: ...
+
+    def releases(self) -> int: ...
+
+
+@dataclass
+class DispatchStats:
+    """Per assignment: the coordinator's time to decide it and the time from send to a worker starting it."""
+
+    decide_ms: list[float] = field(default_factory=list)  # coordinator calls, per assignment they produced
+    queue_ms: list[float] = field(default_factory=list)  # sent -> started on the worker
+
+    def to_json(self) -> dict[str, Any]:
+        def mean(xs: list[float]) -> float | None:
+            return round(sum(xs) / len(xs), 3) if xs else None
+
+        return {"assignments": len(self.queue_ms), "decide_ms_mean": mean(self.decide_ms),
+                "queue_ms_mean": mean(self.queue_ms)}
+
+
+class CeleryEngine:
+    def __init__(self, send: Callable[[dict[str, Any], str], Any], ledger: FleetLedger, bus: Any, *,
+                 job_context: Mapping[str, Any], tick: float = 0.2, watch_every: float = 1.0,
+                 on_start: Callable[[Assignment], None] | None = None,
+                 on_end: Callable[[AttemptEnd], None] | None = None,
+                 on_proxy_lost: Callable[[str, list[str]], None] | None = None,
+                 on_change: Callable[[Coordinator, Iterable[str]], None] | None = None) -> None:
+        self.send = send  # (payload, proxy): queue the stream on the proxy's worker
+        self.ledger = ledger
+        self.bus = bus  # redis.Redis: blpop, exists
+        self.job_context = dict(job_context)
+        self.tick = tick
+        self.watch_every = watch_every
+        self.on_start = on_start
+        self.on_end = on_end
+        self.on_proxy_lost = on_proxy_lost  # (proxy, VMs it was running): clean up in vCenter
+        self.on_change = on_change  # (coordinator, VMs whose state changed): persist the job's state
+        self.stats = DispatchStats()
+
+    def run(self, coordinator: Coordinator) -> JobReport:
+        job = coordinator.job.id
+        key = events_key(job)
+        open_attempts: dict[str, Assignment] = {}  # vm -> the opening assignment of its running attempt
+        down: set[str] = set()
+
+        def submit(assignments: list[Assignment], spent: float) -> None:
+            if assignments:
+                per = 1000 * spent / len(assignments)
+                self.stats.decide_ms.extend([per] * len(assignments))
+            for a in assignments:
+                if a.opens:
+                    open_attempts[a.vm] = a
+                    if self.on_start is not None:
+                        self.on_start(a)
+                payload = {"assignment": assignment_to_json(a), "job": self.job_context, "sent": time.time()}
+                self.send(payload, a.proxy)
+            if self.on_change is not None:
+                self.on_change(coordinator, {a.vm for a in assignments})
+
+        def call(fn: Callable[..., list[Assignment]], *args: Any, **kwargs: Any) -> None:
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            submit(out, time.perf_counter() - t)
+
+        def ended(end: AttemptEnd) -> None:
+            current = open_attempts.get(end.vm)
+            if current is None or current.attempt != end.attempt:
+                return  # late: that attempt was stranded already (its proxy went down)
+            del open_attempts[end.vm]
+            if self.on_end is not None:
+                try:
+                    self.on_end(end)
+                except Exception:
+                    log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)
+            call(coordinator.on_complete, end.vm, end.ok, end.error, attempt=end.attempt)
+            if self.on_change is not None:
+                self.on_change(coordinator, [end.vm])
+
+        def handle(event: Mapping[str, Any]) -> None:
+            if event.get("kind") == "end":
+                ended(AttemptEnd.from_json(event["end"]))
+                return
+            result = StreamResult.from_json(event["result"])
+            if event.get("sent") and event.get("started"):
+                self.stats.queue_ms.append(1000 * (float(event["started"]) - float(event["sent"])))
+            if result.disk_done:
+                call(coordinator.on_disk_done, result.vm, result.disk, result.attempt)
+            if result.end is not None:
+                ended(result.end)
+
+        def watch() -> None:
+            for proxy in coordinator.proxy_names:
+                alive = bool(self.bus.exists(heartbeat_key(proxy)))
+                if not alive and proxy not in down:
+                    down.add(proxy)
+                    lost = sorted(vm for vm, a in open_attempts.items() if a.proxy == proxy)
+                    if lost and self.on_proxy_lost is not None:
+                        try:
+                            self.on_proxy_lost(proxy, lost)
+                        except Exception:
+                            log.exception("cleaning up after proxy %s failed", proxy)
+                    for vm in lost:
+                        del open_attempts[vm]
+                    call(coordinator.on_proxy_down, proxy, "worker heartbeat lost" if started else
+                         "no worker heartbeat")
+                    if self.on_change is not None:
+                        self.on_change(coordinator, lost)
+                elif alive and proxy in down:
+                    down.discard(proxy)
+                    call(coordinator.on_proxy_up, proxy)
+            proxies = {vm: a.proxy for vm, a in open_attempts.items()}
+            self.ledger.renew_streams([s for s, vm, _ in coordinator.running() if proxies.get(vm) not in down])
+
+        started = False
+        watch()  # proxies without a worker are down before the first assignment
+        started = True
+        if self.on_change is not None:
+            self.on_change(coordinator, [vm.name for vm in coordinator.job.vms])
+        call(coordinator.start)
+        releases = self.ledger.releases()
+        last_watch = time.monotonic()
+        while not coordinator.done:
+            got = self.bus.blpop([key], timeout=self.tick)
+            if got is not None:
+                handle(json.loads(got[1]))
+                continue_draining = True
+                while continue_draining and not coordinator.done:
+                    raw = self.bus.lpop(key)
+                    continue_draining = raw is not None
+                    if raw is not None:
+                        handle(json.loads(raw))
+            if time.monotonic() - last_watch >= self.watch_every:
+                last_watch = time.monotonic()
+                watch()
+            now = self.ledger.releases()
+            if now != releases:
+                releases = now
+                call(coordinator.on_released)
+        return coordinator.report()
