@@ -3,7 +3,7 @@ results, ledger), a throwaway PostgreSQL (catalog), three `vsphere-proxy worker`
 phys-01; phys-02's agent is inactive) and coordinators as `vsphere-proxy backup --engine celery` processes.
 
 Stream limits are made small (1 per CPU, 4 GiB of memory per stream: proxy-prod 2, proxy-dev 1, phys-01 4) and
-every stream is throttled to 8 MB/s, so that jobs contend for proxies and last long enough to kill something in
+every stream is throttled to 4 MB/s, so that jobs contend for proxies and last long enough to kill something in
 the middle.
 """
 
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
 
 from adapters.discovery import discover
@@ -151,7 +150,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         data["distributed"] = {"broker": rs.url, "lease_seconds": 3, "heartbeat_seconds": 0.5, "idle_seconds": 3}
         data["job"]["policy"] = {"streams_per_cpu": 1, "mb_per_stream": 4096, "stall_seconds": 60}
         for p in data["proxies"]:
-            p["stream_mb_s"] = 8
+            p["stream_mb_s"] = 4
         config.write_text(yaml.safe_dump(data))
         with connect(sim.url, USER, password, insecure=True) as session:
             moref = {v.name: v.moref for v in discover(session).vms}
@@ -229,3 +228,89 @@ def test_two_jobs_at_once_never_exceed_a_proxy_limit_and_both_complete(fleet: Fl
             assert {s.status for s in catalog.states(report["job_id"]).values()} == {"done"}
     finally:
         catalog.close()
+
+
+def wait_for(what: str, check: Any, timeout: float = 60, every: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def test_a_worker_killed_mid_stream_has_its_vms_replanned_and_nothing_left_behind(fleet: Fleet) -> None:
+    ledger = fleet.ledger()
+    job = fleet.backup(fleet.variant("kill-worker", incremental=False))
+    proxy_of = {fleet.moref[p]: p for p in ("proxy-prod", "proxy-dev")}
+
+    def hot_adding() -> str | None:
+        """A proxy VM with a disk hot-added and a stream running (it reads by hot-add right now)."""
+        attached = left_behind_disks(fleet.session, list(proxy_of))
+        return next((proxy_of[m] for m, disks in attached.items() if disks and ledger.proxy_active(proxy_of[m])),
+                    None)
+
+    victim = wait_for("a proxy VM reading by hot-add", hot_adding, every=0.05)
+    fleet.workers[victim].send_signal(signal.SIGKILL)
+    fleet.workers[victim].wait()
+    running = {s.id.split("/")[1] for s in ledger.streams() if s.proxy == victim}
+    attached_at_kill = fleet.left_behind()[1]
+    try:
+        code, report = finished(job)
+    finally:
+        fleet.start_worker(victim)
+    assert (code, report["status"]) == (0, "complete"), report
+    lines = {v["vm"]: v for v in report["vms"]}
+    assert attached_at_kill and running
+    for vm in running:  # re-planned on another proxy in a later round
+        assert lines[vm]["status"] == "done" and lines[vm]["proxy"] != victim, lines[vm]
+        assert lines[vm]["round"] >= 2 and lines[vm]["attempts"] >= 2, lines[vm]
+    assert {v["vm"] for v in report["vms"] if v["status"] == "skipped"} == {"proxy-prod", "proxy-dev"}
+    assert len(backed_up(report)) == 20
+    assert fleet.left_behind() == ([], [])
+    wait_for("the ledger to be empty", lambda: ledger.streams() == (), timeout=3 + 2)
+    fleet.restored_ok(backed_up(report))
+    catalog = Catalog.open(fleet.catalog_url)
+    try:
+        results = catalog.results(report["job_id"])
+        assert {r.vm for r in results if r.status == "done"} == backed_up(report)
+        assert not any(r.proxy == victim and r.status == "done" and r.vm in running for r in results)
+        print(f"killed {victim} running {sorted(running)} with {len(attached_at_kill)} disks attached; after: "
+              + ", ".join(f"{vm} {lines[vm]['proxy']} {lines[vm]['mode']} round {lines[vm]['round']}"
+                          for vm in sorted(running)))
+    finally:
+        catalog.close()
+
+
+def test_a_coordinator_killed_mid_job_is_resumed_without_reading_done_vms_again(fleet: Fleet) -> None:
+    config = fleet.variant("resumable", incremental=False)  # every block is read again
+    job = fleet.backup(config)
+    catalog = Catalog.open(fleet.catalog_url)
+    try:
+        job_id = wait_for("the job in the catalog", lambda: next(
+            (j.id for j in catalog.jobs() if j.name == "resumable"), None))
+        wait_for("4 VMs done", lambda: sum(1 for r in catalog.results(job_id) if r.status == "done") >= 4,
+                 every=0.05)
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        killed_at = time.time()
+        assert fleet.ledger().job_active(job_id) > 0  # it died with streams running
+        code, report = finished(fleet.backup(config, "--resume", job_id))
+        assert (code, report["status"], report["job_id"]) == (0, "complete", job_id), report
+        assert len(backed_up(report)) == 20
+        results = catalog.results(job_id)
+        done_rows = Counter(r.vm for r in results if r.status == "done")
+        assert set(done_rows) == backed_up(report) and set(done_rows.values()) == {1}  # no VM backed up twice
+        done_before = {r.vm for r in results if r.status == "done" and r.ended.timestamp() < killed_at}
+        assert len(done_before) >= 4
+        assert not [r for r in results if r.vm in done_before and r.ended.timestamp() >= killed_at]
+        roles = {(r.proxy, r.role, r.rescinded is not None) for r in catalog.roles(job_id)}
+        assert sum(1 for r in roles if r[1] == "coordinator") == 1 and all(r[2] for r in roles)
+        j = catalog.job(job_id)
+        assert j is not None and j.status == "complete"
+    finally:
+        catalog.close()
+    assert fleet.left_behind() == ([], [])
+    assert fleet.ledger().streams() == ()
+    fleet.restored_ok(backed_up(report))
