@@ -9,158 +9,76 @@ the middle.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
+import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import yaml
 
 from adapters.discovery import discover
 from adapters.hotadd import left_behind_disks
 from adapters.session import Session, connect
 from adapters.snapshots import list_snapshots
-from testbed import topology as topo
-from testbed.config import credentials_path_for, write_config, write_credentials
-from testbed.images import sha256_file, write_images
-from testbed.launcher import Vcsim
-from testbed.postgres_server import PostgresServer, postgres_bindir
-from testbed.redis_server import RedisServer
+from testbed.fleet import USER, WORKER_PROXIES, FleetBed, finished
+from testbed.fleet import fleet as fleet_of
+from testbed.images import sha256_file
+from testbed.postgres_server import postgres_bindir
 from vsphere_proxy.catalog import Catalog
-from vsphere_proxy.engine.worker import heartbeat_key
 from vsphere_proxy.ledger_redis import RedisLedger
 from vsphere_proxy.repository import Repository
 
 pytestmark = pytest.mark.integration
 
-USER = "administrator@vsphere.local"
-PROXIES = ("proxy-prod", "proxy-dev", "phys-01")
+PROXIES = WORKER_PROXIES
 LIMITS = {"proxy-prod": 2, "proxy-dev": 1, "phys-01": 4}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class Fleet:
-    sim: Vcsim
+    bed: FleetBed
     session: Session
-    redis: RedisServer
-    postgres: PostgresServer
-    work: Path
-    config: Path
-    catalog_url: str
-    topology: dict[str, Any]
-    images: dict[tuple[str, int], str]
     moref: dict[str, str]
-    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def variant(self, name: str, select: dict[str, Any] | None = None, **policy: Any) -> Path:
-        data = yaml.safe_load(self.config.read_text())
-        data["job"]["name"] = name
-        data["job"]["policy"].update(policy)
-        if select is not None:
-            data["job"]["select"] = select
-        path = self.work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.bed, name)
 
     def ledger(self) -> RedisLedger:
-        return RedisLedger(self.redis.client())
-
-    def start_worker(self, proxy: str) -> None:
-        log = open(self.work / f"worker-{proxy}.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.workers[proxy] = subprocess.Popen(
-            [sys.executable, "-m", "vsphere_proxy", "worker", "--config", str(self.config), "--proxy", proxy,
-             "--log-level", "INFO"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        client = self.redis.client()
-        deadline = time.monotonic() + 60
-        while not client.exists(heartbeat_key(proxy)):
-            assert self.workers[proxy].poll() is None, (self.work / f"worker-{proxy}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"worker {proxy} sent no heartbeat"
-            time.sleep(0.1)
-
-    def stop_workers(self) -> None:
-        for p in self.workers.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.workers.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-    def backup(self, config: Path, *extra: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "vsphere_proxy", "backup", "--config", str(config),
-                                 "--engine", "celery", "--json", *extra], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return RedisLedger(self.bed.redis.client())
 
     def left_behind(self) -> tuple[list[str], list[str]]:
         snaps = [f"{vm}: {e.name}" for vm, m in self.moref.items() for e in list_snapshots(self.session, m)
                  if e.ours]
-        attached = [d.file for ds in left_behind_disks(self.session, [self.moref[p] for p in ("proxy-prod",
-                                                                                              "proxy-dev")]).values()
-                    for d in ds]
+        proxies = [self.moref[p] for p in ("proxy-prod", "proxy-dev")]
+        attached = [d.file for ds in left_behind_disks(self.session, proxies).values() for d in ds]
         return snaps, attached
 
     def restored_ok(self, vms: set[str]) -> None:
-        repo = Repository.open(self.work / "repository")
-        latest = {}
-        for m in repo.points():
-            latest[m.vm.name] = m
-        for (vm, index), digest in self.images.items():
-            if vm not in vms:
-                continue
-            out = self.work / f"restore-{vm}-{index}.img"
-            repo.restore(latest[vm].id, index, out)
-            assert sha256_file(out) == digest, f"{vm} disk {index}"
-            out.unlink()
-
-
-def finished(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, dict[str, Any]]:
-    out, err = proc.communicate(timeout=timeout)
-    assert out.strip().startswith("{"), f"exit {proc.returncode}: {err[-3000:]}"
-    return proc.returncode, json.loads(out)
+        repo = Repository.open(self.bed.work / "repository")
+        latest = {m.vm.name: m for m in repo.points()}  # oldest first: the last one wins
+        for (vm, index), digest in self.bed.images.items():
+            if vm in vms:
+                out = self.bed.work / f"restore-{vm}-{index}.img"
+                repo.restore(latest[vm].id, index, out)
+                assert sha256_file(out) == digest, f"{vm} disk {index}"
+                out.unlink()
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    if postgres_bindir() is None and not os.environ.get("VSPHERE_PROXY_REQUIRE_SERVICES"):
-        pytest.skip("PostgreSQL is not installed; run testbed/setup.sh")
-    password = secrets.token_urlsafe(24)
-    topology = topo.load(topo.DEFAULT_TOPOLOGY)
-    work = tmp_path_factory.mktemp("distributed")
-    with Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, password) as sim, RedisServer.start() as rs, \
-            PostgresServer.start() as pg:
-        images = write_images(topo.disks(topology, sim.datastores))
-        credentials = write_credentials(USER, password, credentials_path_for(work / "c.yaml"))
-        config = write_config(topology, sim.url, credentials, work / "c.yaml", sim.datastores, work / "repository")
-        data = yaml.safe_load(config.read_text())
-        catalog_url = pg.database_url()
-        data["repository"]["catalog"] = catalog_url
-        data["distributed"] = {"broker": rs.url, "lease_seconds": 3, "heartbeat_seconds": 0.5, "idle_seconds": 3}
-        data["job"]["policy"] = {"streams_per_cpu": 1, "mb_per_stream": 4096, "stall_seconds": 60}
-        for p in data["proxies"]:
-            p["stream_mb_s"] = 4
-        config.write_text(yaml.safe_dump(data))
-        with connect(sim.url, USER, password, insecure=True) as session:
-            moref = {v.name: v.moref for v in discover(session).vms}
-            bed = Fleet(sim, session, rs, pg, work, config, catalog_url, topology, images, moref)
-            try:
-                for proxy in PROXIES:
-                    bed.start_worker(proxy)
-                yield bed
-            finally:
-                bed.stop_workers()
+    if not os.environ.get("VSPHERE_PROXY_REQUIRE_SERVICES") and (postgres_bindir() is None
+                                                                  or not shutil.which("redis-server")):
+        pytest.skip("PostgreSQL or Redis is not installed; run testbed/setup.sh")
+    policy = {"streams_per_cpu": 1, "mb_per_stream": 4096, "stall_seconds": 60}
+    distributed = {"lease_seconds": 3, "heartbeat_seconds": 0.5, "idle_seconds": 3}
+    with fleet_of(tmp_path_factory.mktemp("distributed"), policy=policy, stream_mb_s=4,
+                  distributed=distributed) as bed, connect(bed.sim.url, USER, bed.password, insecure=True) as session:
+        yield Fleet(bed, session, {v.name: v.moref for v in discover(session).vms})
 
 
 class Sampler(threading.Thread):

@@ -318,6 +318,18 @@ def _location(loc: tuple[Any, ...], data: Any) -> tuple[str, Any]:
     return text, value
 
 
+def _masked(value: Any) -> Any:
+    """A URL's password replaced by *** (an error message must not carry it)."""
+    if isinstance(value, str) and "://" in value:
+        try:
+            parts = urlsplit(value)
+            if parts.password:
+                return value.replace(f":{parts.password}@", ":***@", 1)
+        except ValueError:
+            return value
+    return value
+
+
 def validate(model: type[M], data: Any, source: str) -> M:
     """Validate `data` as `model`; the first problem becomes one line: `source: loc: message (got value)`."""
     try:
@@ -326,7 +338,7 @@ def validate(model: type[M], data: Any, source: str) -> M:
         err = e.errors()[0]
         loc, value = _location(tuple(p for p in err["loc"] if p not in ("function-after",)), data)
         msg = err["msg"].removeprefix("Value error, ")
-        got = "" if value is None or isinstance(value, dict | list) else f" (got {value!r})"
+        got = "" if value is None or isinstance(value, dict | list) else f" (got {_masked(value)!r})"
         where = f"{loc}: " if loc else ""
         raise ConfigError(f"{source}: {where}{msg}{got}") from None
 
