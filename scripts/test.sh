@@ -7,7 +7,7 @@ bash testbed/setup.sh >/dev/null
 python3 -m pip install -q -e '.[test]' 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
 ruff check .
 status=0
-python3 -m pytest -q "$@" || status=$?
+VSPHERE_PROXY_REQUIRE_SERVICES=1 python3 -m pytest -q "$@" || status=$?
 if ((status == 5)); then
     echo "scripts/test.sh: pytest collected no tests" >&2
 fi
