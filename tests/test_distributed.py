@@ -219,7 +219,9 @@ def test_a_coordinator_killed_mid_job_is_resumed_without_reading_done_vms_again(
         assert len(backed_up(report)) == 20
         results = catalog.results(job_id)
         done_rows = Counter(r.vm for r in results if r.status == "done")
-        assert set(done_rows) == backed_up(report) and set(done_rows.values()) == {1}  # no VM backed up twice
+        twice = [(r.vm, r.attempt, r.round, r.proxy, r.status, r.ended.timestamp() - killed_at) for r in results
+                 if done_rows[r.vm] > 1]
+        assert set(done_rows) == backed_up(report) and not twice, twice  # no VM backed up twice
         done_before = {r.vm for r in results if r.status == "done" and r.ended.timestamp() < killed_at}
         assert len(done_before) >= 4
         assert not [r for r in results if r.vm in done_before and r.ended.timestamp() >= killed_at]

@@ -5,6 +5,7 @@ no coordinator feeds any more is ended (cleaned up, recorded, reported) after `i
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,8 @@ def server() -> Iterator[RedisServer]:
 
 class Bed:
     def __init__(self, tmp_path: Path, server: RedisServer) -> None:
-        self.vms, _ = setup(tmp_path, {"db-01": [(2 * MIB, "ds1"), (2 * MIB, "ds1")]})
+        self.vms, _ = setup(tmp_path, {"db-01": [(2 * MIB, "ds1"), (2 * MIB, "ds1")], "hangs": [(2 * MIB, "ds1")]})
+        self.hang = threading.Event()
         self.repo = Repository.init(tmp_path / "repo")
         self.client = server.client()
         self.ledger = RedisLedger(self.client, prefix=f"t{time.monotonic_ns()}:", ttl=1.0)
@@ -44,7 +46,7 @@ class Bed:
 
         class Preparer:
             def prepare(_, a: Assignment) -> LocalFilesSession:
-                s = LocalFilesSession(self.root, self.repo, a, vms[a.vm], set(), None)
+                s = LocalFilesSession(self.root, self.repo, a, vms[a.vm], set(), self.hang)
                 self.sessions.append(s)
                 return s
 
@@ -100,10 +102,33 @@ def test_an_attempt_no_coordinator_feeds_is_ended_cleaned_up_and_its_lease_left_
     [(job, end)] = bed.recorded
     assert job == "job-1" and not end.ok and "its coordinator is gone" in end.error
     assert bed.sessions[0].finished is False  # cleaned up: the point aborted (a snapshot would be removed)
-    assert [e["kind"] for e in bed.events()] == ["stream", "end"]
+    assert [e["kind"] for e in bed.events()] == ["progress", "stream", "end"]  # progress: its first block
     deadline = time.monotonic() + 3
     while bed.ledger.holds(a.stream):  # no longer renewed: it expires
         assert time.monotonic() < deadline, "the lease outlived its attempt"
         time.sleep(0.05)
     bed.worker.stop()
     assert not bed.client.exists(heartbeat_key("p1"))
+
+
+def test_a_stream_given_up_by_its_coordinator_is_aborted_and_commits_nothing(bed: Bed) -> None:
+    vm = next(v for v in bed.vms if v.name == "hangs")  # its reads wait for bed.hang (at most 5 s)
+    a = bed.assignment(vm, 0, "job-1/hangs/1/0", True)
+    assert bed.ledger.acquire(Stream(a.stream, "job-1", "p1", ("ds1",)), 2)
+    bed.worker.start()
+    runs = threading.Thread(target=bed.worker.handle, args=({"assignment": assignment_to_json(a)},))
+    runs.start()
+    deadline = time.monotonic() + 5
+    while a.stream not in bed.worker.runner.inflight():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    bed.ledger.release(a.stream)  # the coordinator took the VM back (it thought the proxy was down)
+    deadline = time.monotonic() + 3
+    while not bed.recorded:
+        assert time.monotonic() < deadline, "the attempt went on after its lease was given up"
+        time.sleep(0.02)
+    bed.hang.set()
+    runs.join(10)
+    [(_, end)] = bed.recorded
+    assert not end.ok and end.point_id is None and "given up by its coordinator" in end.error
+    assert bed.sessions[0].finished is False and bed.repo.points() == []

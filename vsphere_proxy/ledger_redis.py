@@ -74,13 +74,22 @@ redis.call('INCR', p .. 'releases')
 return raw
 """
 
-# ARGV: prefix, id, new record json, datastores dropped...
+# ARGV: prefix, id, datastores to keep...
 _NARROW = _PURGE + """
 local id = ARGV[2]
-if redis.call('HEXISTS', p .. 'records', id) == 0 then return false end
-for i = 4, #ARGV do redis.call('SREM', p .. 'ds:' .. ARGV[i], id) end
-redis.call('HSET', p .. 'records', id, ARGV[3])
-return ARGV[3]
+local raw = redis.call('HGET', p .. 'records', id)
+if not raw then return false end
+local r = cjson.decode(raw)
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local kept = {}
+for _, ds in ipairs(r.datastores) do
+  if keep[ds] then table.insert(kept, ds) else redis.call('SREM', p .. 'ds:' .. ds, id) end
+end
+r.datastores = kept
+local out = cjson.encode(r)
+redis.call('HSET', p .. 'records', id, out)
+return out
 """
 
 # ARGV: prefix, ttl_ms, proxy
@@ -92,9 +101,14 @@ return #ids
 
 # ARGV: prefix, ttl_ms, stream ids...
 _RENEW_STREAMS = _PURGE + """
-local n = 0
-for i = 3, #ARGV do n = n + redis.call('ZADD', p .. 'streams', 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[i]) end
-return n
+local renewed = {}
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', p .. 'streams', ARGV[i]) then
+    redis.call('ZADD', p .. 'streams', 'XX', now + tonumber(ARGV[2]), ARGV[i])
+    table.insert(renewed, ARGV[i])
+  end
+end
+return renewed
 """
 
 # ARGV: prefix, stream id
@@ -120,7 +134,7 @@ def _record(stream: Stream) -> str:
 
 def _stream(raw: Any) -> Stream:
     r = json.loads(raw)
-    return Stream(r["id"], r["job"], r["proxy"], tuple(r["datastores"]))
+    return Stream(r["id"], r["job"], r["proxy"], tuple(r["datastores"] or ()))  # Lua's cjson writes [] as {}
 
 
 class RedisLedger:
@@ -158,24 +172,20 @@ class RedisLedger:
         return _stream(raw) if raw else None
 
     def narrow(self, stream_id: str, datastores: Collection[str]) -> Stream | None:
-        current = next((s for s in self.streams() if s.id == stream_id), None)
-        if current is None:
-            return None
-        keep = tuple(ds for ds in dict.fromkeys(current.datastores) if ds in datastores)
-        dropped = [ds for ds in dict.fromkeys(current.datastores) if ds not in keep]
-        narrowed = Stream(current.id, current.job, current.proxy, keep)
-        raw = self._narrow(args=[self.prefix, stream_id, _record(narrowed), *dropped])
+        raw = self._narrow(args=[self.prefix, stream_id, *dict.fromkeys(datastores)])
         return _stream(raw) if raw else None
 
     def renew(self, proxy: str) -> int:
         """Extend the lease of every stream of `proxy` by the ttl (the worker's heartbeat); how many."""
         return int(self._renew(args=[self.prefix, self.ttl_ms, proxy]))
 
-    def renew_streams(self, stream_ids: Collection[str]) -> int:
-        """Extend the leases of these streams (those still held) by the ttl; how many were renewed."""
+    def renew_streams(self, stream_ids: Collection[str]) -> set[str]:
+        """Extend the leases of these streams (those still held) by the ttl; the ones renewed (the others are
+        gone: released by their coordinator, or expired)."""
         if not stream_ids:
-            return 0
-        return int(self._renew_streams(args=[self.prefix, self.ttl_ms, *stream_ids]))
+            return set()
+        got = self._renew_streams(args=[self.prefix, self.ttl_ms, *stream_ids])
+        return {x.decode() if isinstance(x, bytes) else str(x) for x in got}
 
     def holds(self, stream_id: str) -> bool:
         """Whether the stream is still leased (a worker drops a task whose stream is gone)."""

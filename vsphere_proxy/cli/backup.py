@@ -226,7 +226,7 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
                 job_context = {"id": job_id, "incremental": policy.incremental, "quiesce": policy.quiesce,
                                "repository": str(repo.path)}
                 celery_engine = fleet.engine(job_context, on_start=on_start, on_end=on_end, on_proxy_lost=lost,
-                                             on_change=states.changed)
+                                             on_change=states.changed, on_progress=progress.update)
                 job_report = celery_engine.run(coordinator)
                 dispatch = celery_engine.stats.to_json()
             else:

@@ -61,12 +61,14 @@ class Fleet:
 
     def engine(self, job_context: dict[str, Any], *, on_start: Callable[[Assignment], None],
                on_end: Callable[[AttemptEnd], None], on_proxy_lost: Callable[[str, list[str]], None],
-               on_change: Callable[[Coordinator, Iterable[str]], None]) -> CeleryEngine:
+               on_change: Callable[[Coordinator, Iterable[str]], None],
+               on_progress: Callable[[str, int, int], None]) -> CeleryEngine:
         from vsphere_proxy.engine.celery_app import send_stream
 
         return CeleryEngine(lambda payload, proxy: send_stream(self.app, payload, proxy), self.ledger, self.client,
                             job_context=job_context, watch_every=min(1.0, self.config.heartbeat),
-                            on_start=on_start, on_end=on_end, on_proxy_lost=on_proxy_lost, on_change=on_change)
+                            on_start=on_start, on_end=on_end, on_proxy_lost=on_proxy_lost, on_change=on_change,
+                            on_progress=on_progress)
 
     def drain(self, stall_seconds: float, out: Console | None = None) -> None:
         """Wait until the streams a stopped coordinator left are gone: each ends on its worker (attempts no one

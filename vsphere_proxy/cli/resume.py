@@ -91,7 +91,9 @@ class Earlier:
 
         vms = tuple(vm for vm in setup.job.vms if keep(vm.name))
         selected = [s for s in setup.selected if s.skip or keep(s.vm.name)]
-        return dataclasses.replace(setup, selected=selected, job=dataclasses.replace(setup.job, vms=vms))
+        policy = dataclasses.replace(setup.job.policy, max_streams=setup.job.limit)  # the whole job's limit
+        return dataclasses.replace(setup, selected=selected,
+                                   job=dataclasses.replace(setup.job, vms=vms, policy=policy))
 
     def merged(self, report: JobReport) -> JobReport:
         """The taken-over coordinator's report with the VMs done before it."""

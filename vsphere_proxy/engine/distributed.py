@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class FleetLedger(Protocol):
     """The ledger as this engine needs it (`RedisLedger`)."""
 
-    def renew_streams(self, stream_ids: list[str]) -> int: ...
+    def renew_streams(self, stream_ids: list[str]) -> set[str]: ...
 
     def releases(self) -> int: ...
 
@@ -54,7 +54,8 @@ class CeleryEngine:
                  on_start: Callable[[Assignment], None] | None = None,
                  on_end: Callable[[AttemptEnd], None] | None = None,
                  on_proxy_lost: Callable[[str, list[str]], None] | None = None,
-                 on_change: Callable[[Coordinator, Iterable[str]], None] | None = None) -> None:
+                 on_change: Callable[[Coordinator, Iterable[str]], None] | None = None,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> None:
         self.send = send  # (payload, proxy): queue the stream on the proxy's worker
         self.ledger = ledger
         self.bus = bus  # redis.Redis: blpop, exists
@@ -65,6 +66,7 @@ class CeleryEngine:
         self.on_end = on_end
         self.on_proxy_lost = on_proxy_lost  # (proxy, VMs it was running): clean up in vCenter
         self.on_change = on_change  # (coordinator, VMs whose state changed): persist the job's state
+        self.on_progress = on_progress  # (vm, disk, bytes read so far)
         self.stats = DispatchStats()
 
     def run(self, coordinator: Coordinator) -> JobReport:
@@ -77,6 +79,8 @@ class CeleryEngine:
             if assignments:
                 per = 1000 * spent / len(assignments)
                 self.stats.decide_ms.extend([per] * len(assignments))
+            if assignments and self.on_change is not None:  # before sending: a successor numbers attempts on
+                self.on_change(coordinator, {a.vm for a in assignments})
             for a in assignments:
                 if a.opens:
                     open_attempts[a.vm] = a
@@ -84,8 +88,6 @@ class CeleryEngine:
                         self.on_start(a)
                 payload = {"assignment": assignment_to_json(a), "job": self.job_context, "sent": time.time()}
                 self.send(payload, a.proxy)
-            if self.on_change is not None:
-                self.on_change(coordinator, {a.vm for a in assignments})
 
         def call(fn: Callable[..., list[Assignment]], *args: Any, **kwargs: Any) -> None:
             t = time.perf_counter()
@@ -107,6 +109,11 @@ class CeleryEngine:
                 self.on_change(coordinator, [end.vm])
 
         def handle(event: Mapping[str, Any]) -> None:
+            if event.get("kind") == "progress":
+                current = open_attempts.get(event["vm"])
+                if self.on_progress is not None and current is not None and current.attempt == event["attempt"]:
+                    self.on_progress(event["vm"], int(event["disk"]), int(event["position"]))
+                return
             if event.get("kind") == "end":
                 ended(AttemptEnd.from_json(event["end"]))
                 return

@@ -111,13 +111,15 @@ class StreamRunner:
     def __init__(self, preparer: Preparer, *, clock: Callable[[], float] = time.monotonic,
                  on_progress: Callable[[Assignment, int], None] | None = None,
                  ready_timeout: float | None = None, throttle: Mapping[str, float] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 confirm: Callable[[str], bool] | None = None) -> None:
         self.preparer = preparer
         self.clock = clock
         self.on_progress = on_progress  # (assignment, position) after every block
         self.ready_timeout = ready_timeout  # how long a stream waits for its attempt's snapshot
         self.throttle = dict(throttle or {})  # proxy -> the most bytes per second one of its streams reads
         self.sleep = sleep
+        self.confirm = confirm  # (stream) -> still ours? asked before a restore point is committed
         self.lock = threading.RLock()
         self.attempts: dict[AttemptKey, Attempt] = {}
 
@@ -202,7 +204,7 @@ class StreamRunner:
             elif at.inflight == 0:
                 # failed, or read fine while another stream of the attempt failed: the last one closes it
                 closing = at.ended = True
-        end = self.close(at) if closing else None
+        end = self.close(at, a.stream) if closing else None
         return StreamResult(a.vm, a.attempt, a.disk, a.stream, disk_done, end, "" if ok else at.error)
 
     @staticmethod
@@ -212,10 +214,13 @@ class StreamRunner:
         except Exception:
             log.exception("cleaning up %s attempt %d after it ended failed", at.vm, at.attempt)
 
-    def close(self, at: Attempt) -> AttemptEnd:
-        """Finish an ended attempt (cleanup always; outside the lock, it talks to vCenter)."""
+    def close(self, at: Attempt, stream: str | None = None) -> AttemptEnd:
+        """Finish an ended attempt (cleanup always; outside the lock, it talks to vCenter). `stream`, the one
+        that ended it, must still be ours for the restore point to be committed."""
         at.ready.set()  # streams still waiting for the snapshot give up
         ok = not at.error and at.disks_read == at.disk_count
+        if ok and stream is not None and self.confirm is not None and not self.confirm(stream):
+            ok, at.error = False, f"{stream} was given up by its coordinator before the restore point was committed"
         result = Finished(None, 0)
         if at.session is not None:
             try:
@@ -256,6 +261,11 @@ class StreamRunner:
         with self.lock:
             return [at for at in self.attempts.values()
                     if not at.ended and at.idle_since is not None and now - at.idle_since > seconds]
+
+    def inflight(self) -> dict[str, AttemptKey]:
+        """The streams reading a disk right now, with their attempts."""
+        with self.lock:
+            return {s: key for key, at in self.attempts.items() if not at.ended for s in at.last_progress}
 
     def open_streams(self) -> set[str]:
         """The streams of every open attempt (a worker's heartbeat renews their leases)."""

@@ -3,12 +3,15 @@
 
 Per stream (one Celery task): drop it when its lease is gone from the ledger (its coordinator gave it up or
 died), else read the disk. When the stream ends its attempt (snapshot removed, restore point committed or not),
-the attempt goes to the catalog here, so that a coordinator that dies loses nothing. Every stream's result is
-pushed, as JSON, to its job's event list in Redis, which the coordinator reads.
+the attempt goes to the catalog here, so that a coordinator that dies loses nothing. Every stream's result, and
+its progress (bytes read so far, once a second), is pushed as JSON to its job's event list in Redis, which the
+coordinator reads.
 
 A heartbeat thread, every `heartbeat` seconds: marks the proxy alive (a key that expires after `lease`), renews
-the leases of the streams of its open attempts, fails attempts whose streams stalled, and ends attempts no
-coordinator handed a disk for `idle` seconds (their coordinator is gone: the snapshot must not stay).
+the leases of the streams of its open attempts, fails attempts whose streams stalled or whose lease is gone (their
+coordinator took the VM back: the proxy looked down to it), and ends attempts no coordinator handed a disk for
+`idle` seconds (their coordinator is gone: the snapshot must not stay). A restore point is committed only while
+the stream that ends the attempt still holds its lease, so a VM taken back is never backed up twice.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
+import platform
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -62,7 +65,7 @@ class LeaseLedger(Protocol):
 
     def holds(self, stream_id: str) -> bool: ...
 
-    def renew_streams(self, stream_ids: list[str]) -> int: ...
+    def renew_streams(self, stream_ids: list[str]) -> set[str]: ...
 
 
 class EventBus(Protocol):
@@ -104,7 +107,8 @@ class ProxyWorker:
     def __init__(self, proxy: str, limit: int, preparers: Callable[[Mapping[str, Any]], Preparer],
                  ledger: LeaseLedger, bus: EventBus, *, record: Callable[[str, AttemptEnd], None] | None = None,
                  lease: float = 30.0, heartbeat: float = 10.0, stall_seconds: float = 300.0,
-                 idle_seconds: float = 120.0, stream_bytes_per_s: float | None = None) -> None:
+                 idle_seconds: float = 120.0, stream_bytes_per_s: float | None = None,
+                 progress_every: float = 1.0) -> None:
         self.proxy = proxy
         self.limit = limit
         self.ledger = ledger
@@ -115,11 +119,14 @@ class ProxyWorker:
         self.stall_seconds = stall_seconds
         self.idle_seconds = idle_seconds
         self._jobs = _ByJob(preparers)
-        self.runner = StreamRunner(self._jobs, ready_timeout=stall_seconds,
-                                   throttle={proxy: stream_bytes_per_s} if stream_bytes_per_s else None)
+        self.progress_every = progress_every
+        self._reported: dict[str, float] = {}  # stream -> when its progress was last published
+        self.runner = StreamRunner(self._jobs, ready_timeout=stall_seconds, on_progress=self._progress,
+                                   throttle={proxy: stream_bytes_per_s} if stream_bytes_per_s else None,
+                                   confirm=ledger.holds)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.identity = {"proxy": proxy, "pid": os.getpid(), "host": socket.gethostname(), "limit": limit}
+        self.identity = {"proxy": proxy, "pid": os.getpid(), "host": platform.node(), "limit": limit}
 
     # ---- one stream (a Celery task) -------------------------------------------------------------------------
 
@@ -136,12 +143,22 @@ class ProxyWorker:
                                   f"{a.stream}: lease gone before the stream started (its coordinator gave it up)")
         else:
             result = self.runner.run(a)
+        self._reported.pop(a.stream, None)
         if result.end is not None:
             self._ended(a.job, result.end)
         event = {"kind": "stream", "proxy": self.proxy, "result": result.to_json(), "sent": payload.get("sent"),
                  "started": started, "finished": time.time()}
         self._publish(a.job, event)
         return event
+
+    def _progress(self, a: Assignment, position: int) -> None:
+        """At most one progress event per stream every `progress_every` seconds."""
+        now = time.monotonic()
+        if now - self._reported.get(a.stream, 0.0) < self.progress_every:
+            return
+        self._reported[a.stream] = now
+        self._publish(a.job, {"kind": "progress", "proxy": self.proxy, "vm": a.vm, "attempt": a.attempt,
+                              "disk": a.disk, "position": position})
 
     def _ended(self, job: str, end: AttemptEnd) -> None:
         if self.record is None:
@@ -161,8 +178,11 @@ class ProxyWorker:
     def beat(self) -> None:
         """Once: alive mark, lease renewal, stalled and idle attempts ended."""
         self.bus.set(heartbeat_key(self.proxy), json.dumps(self.identity), px=int(self.lease * 1000))
-        self.ledger.renew_streams(sorted(self.runner.open_streams()))
-        ends = [(at.job, at.vm, at.attempt, why) for at, why in self.runner.stalled(self.stall_seconds)]
+        inflight = self.runner.inflight()
+        renewed = self.ledger.renew_streams(sorted(self.runner.open_streams()))
+        given_up = {key: s for s, key in inflight.items() if s not in renewed}
+        ends = [(*key, f"{s} was given up by its coordinator (lease gone)") for key, s in given_up.items()]
+        ends += [(at.job, at.vm, at.attempt, why) for at, why in self.runner.stalled(self.stall_seconds)]
         ends += [(at.job, at.vm, at.attempt, f"no disk handed to it for {self.idle_seconds:g} s: its coordinator "
                   "is gone") for at in self.runner.idle(self.idle_seconds)]
         for job, vm, attempt, why in ends:
