@@ -168,14 +168,16 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
 
     catalog = open_catalog(config)
     try:
-        earlier = Earlier.load(catalog, resume, config, engine) if resume else None
+        if resume:
+            Earlier.load(catalog, resume, config, engine)  # bad input fails before anything waits
         job_id = resume or new_job_id(config.job.name)
         setup = build_job(config, found.inventory, job_id)
+        fleet = Fleet.open(config, job_id) if engine == "celery" else None
+        if resume and fleet is not None:  # what the stopped coordinator's streams still do ends up in the catalog
+            fleet.drain(config.job.policy.stall_seconds, out=console() if show_progress else None)
+        earlier = Earlier.load(catalog, resume, config, engine) if resume else None
         if earlier is not None:
             setup = earlier.remaining(setup)
-        fleet = Fleet.open(config, job_id) if engine == "celery" else None
-        if earlier is not None and fleet is not None:
-            fleet.drain(config.job.policy.stall_seconds, out=console() if show_progress else None)
     except BaseException:
         catalog.close()
         raise
