@@ -9,9 +9,11 @@ the middle.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -233,6 +235,11 @@ def test_a_coordinator_killed_mid_job_is_resumed_without_reading_done_vms_again(
         assert sum(1 for r in roles if r[1] == "coordinator") == 1 and all(r[2] for r in roles)
         j = catalog.job(job_id)
         assert j is not None and j.status == "complete"
+        shown = subprocess.run(fleet.command("jobs", "--config", str(config), "--job", job_id, "--json"),
+                               capture_output=True, text=True, check=True)
+        data = json.loads(shown.stdout)
+        assert (data["engine"], data["status"]) == (engine, "complete")
+        assert Counter(v["status"] for v in data["vms"]) == {"done": 20}
     finally:
         catalog.close()
     assert fleet.left_behind() == ([], [])

@@ -197,6 +197,7 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
                           coordinator=coordinator_role, controllers=[p.name for p in setup.proxies])
     else:
         catalog.reopen_job(job_id, coordinator_role)
+        catalog.set_states(job_id, earlier.done_states())
     ends: list[AttemptEnd] = list(earlier.ends) if earlier else []
     rounds: set[int] = set(earlier.rounds) if earlier else set()
     progress = _Progress(_progress_display(show_progress), {n: v.total_bytes for n, v in vms.items()})

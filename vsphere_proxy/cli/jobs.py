@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from typing import Any
 
 from rich.markup import escape
@@ -19,7 +20,7 @@ from vsphere_proxy.cli.common import (
     read_config,
 )
 
-HELP = "list backup jobs from the catalog, or the attempts of one job"
+HELP = "list backup jobs from the catalog, or where one job's VMs stand and its attempts"
 
 
 def build_parser(sub: Any) -> None:
@@ -45,10 +46,15 @@ def do_jobs(args: argparse.Namespace) -> int:
                      "status": r.status, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written,
                      "seconds": round(r.seconds, 3), "error": r.error, "point": r.point_id}
                     for r in catalog.results(args.job)]
-            roles = [{"proxy": r.proxy, "role": r.role} for r in catalog.roles(args.job)]
-            data: Any = {"id": job.id, "name": job.name, "status": job.status, "rounds": job.rounds,
-                         "started": job.started.isoformat(), "ended": job.ended.isoformat() if job.ended else None,
-                         "roles": roles, "attempts": rows}
+            roles = [{"proxy": r.proxy, "role": r.role, "rescinded": r.rescinded is not None}
+                     for r in catalog.roles(args.job)]
+            states = [{"vm": st.vm, "status": st.status, "round": st.round, "attempts": st.attempts,
+                       "proxy": st.proxy, "mode": st.mode, "error": st.error}
+                      for st in catalog.states(args.job).values()]
+            data: Any = {"id": job.id, "name": job.name, "status": job.status, "engine": job.engine,
+                         "rounds": job.rounds, "started": job.started.isoformat(),
+                         "ended": job.ended.isoformat() if job.ended else None, "roles": roles, "vms": states,
+                         "attempts": rows}
         else:
             data = [{"id": j.id, "name": j.name, "status": j.status, "engine": j.engine, "rounds": j.rounds,
                      "started": j.started.isoformat(), "ended": j.ended.isoformat() if j.ended else None,
@@ -59,6 +65,12 @@ def do_jobs(args: argparse.Namespace) -> int:
         emit_json(data)
         return EXIT_OK
     out = console()
+    if args.job and data["vms"]:
+        where = Counter(v["status"] for v in data["vms"])
+        running = ", ".join(f"{v['vm']} on {v['proxy']}" for v in data["vms"] if v["status"] == "running")
+        out.print(f"{data['id']} ({data['engine']} engine, {data['status']}): "
+                  + ", ".join(f"{n} {s}" for s, n in sorted(where.items()))
+                  + (f"; running: {running}" if running else ""), soft_wrap=True)
     if args.job:
         table = Table("VM", "round", "attempt", "proxy", "mode", "status", "read", "written", "s", "error / point",
                       title=f"{data['id']} ({data['status']})")

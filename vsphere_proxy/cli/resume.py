@@ -83,6 +83,10 @@ class Earlier:
         return cls(job_id, done, tuple(ends.values()), dict(attempts), round_reached, frozenset(rounds),
                    frozenset(states))
 
+    def done_states(self) -> list[VmState]:
+        """The VMs done before, as the job's state (the stopped coordinator may not have recorded them)."""
+        return [VmState(o.vm, "done", o.round, o.attempts, o.proxy, o.mode) for o in self.done.values()]
+
     def remaining(self, setup: JobSetup) -> JobSetup:
         """The job without the VMs already backed up (and, when known, only the VMs it started with)."""
 
