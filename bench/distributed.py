@@ -6,10 +6,11 @@ up every VM with `incremental: false`, so every run reads every block (chunks al
 again, the same for both engines). Runs alternate embedded / celery, `--repeat` times each; the wall time of the
 `vsphere-proxy backup` process is measured, the median shown, and the ratio celery / embedded comes last, with
 the distributed engine's per-assignment overhead read from its report: the coordinator's time to decide an
-assignment (its calls into the scheduler, Redis ledger round trips included) and the time from sending a task to
-a worker starting it.
+assignment (all its calls into the scheduler, Redis ledger round trips included, over the assignments made) and
+the time from sending a task to a worker starting it. The wall time includes each run's process start, vCenter
+login, discovery and job-start sweeps, the same for both engines.
 
-    python3 bench/distributed.py [--repeat 3] [--disk-scale 4] [--json]
+    python3 bench/distributed.py [--repeat 3] [--disk-scale 8] [--json]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def run(bed: Any, config: Path, engine: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--disk-scale", type=float, default=4.0, help="testbed disk sizes x this (default 4)")
+    ap.add_argument("--disk-scale", type=float, default=8.0, help="testbed disk sizes x this (default 8)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {"embedded": [], "celery": []}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.session import Preparer
 from vsphere_proxy.engine.streams import AttemptEnd
 from vsphere_proxy.proxies import resolve_proxies
+
+KEEPALIVE_SECONDS = 600.0
 
 HELP = "serve one proxy's streams to the distributed engine (a Celery worker on queue proxy.<NAME>)"
 
@@ -80,12 +83,23 @@ def do_worker(args: argparse.Namespace) -> int:
         def record(job_id: str, end: AttemptEnd) -> None:
             record_attempt(catalog, job_id, end, inventory["vms"].get(end.vm))
 
+        stop = threading.Event()
+
+        def keep_alive() -> None:  # vCenter ends sessions idle for 30 minutes; a worker may wait longer for work
+            while not stop.wait(KEEPALIVE_SECONDS):
+                try:
+                    session.si.CurrentTime()
+                except Exception:
+                    logging.getLogger(__name__).warning("vCenter keep-alive of %s failed", args.proxy)
+
+        threading.Thread(target=keep_alive, name="vcenter-keepalive", daemon=True).start()
         worker = ProxyWorker(proxy.name, limit, preparer, ledger, client, record=record,
                              lease=dist.lease_seconds, heartbeat=dist.heartbeat, stall_seconds=policy.stall_seconds,
                              idle_seconds=dist.idle_seconds, stream_bytes_per_s=throttles(config).get(proxy.name))
         try:
             run_worker(make_app(broker, backend), worker, loglevel=args.log_level)
         finally:
+            stop.set()
             catalog.close()
             client.close()
     return EXIT_OK

@@ -35,17 +35,17 @@ class FleetLedger(Protocol):
 
 @dataclass
 class DispatchStats:
-    """Per assignment: the coordinator's time to decide it and the time from send to a worker starting it."""
+    """Per assignment: the coordinator's time to decide it (all its calls, Redis ledger round trips included,
+    over the assignments they made) and the time from sending it to a worker starting it."""
 
-    decide_ms: list[float] = field(default_factory=list)  # coordinator calls, per assignment they produced
+    assignments: int = 0
+    decide_s: float = 0.0  # time inside coordinator calls
     queue_ms: list[float] = field(default_factory=list)  # sent -> started on the worker
 
     def to_json(self) -> dict[str, Any]:
-        def mean(xs: list[float]) -> float | None:
-            return round(sum(xs) / len(xs), 3) if xs else None
-
-        return {"assignments": len(self.queue_ms), "decide_ms_mean": mean(self.decide_ms),
-                "queue_ms_mean": mean(self.queue_ms)}
+        return {"assignments": self.assignments,
+                "decide_ms_mean": round(1000 * self.decide_s / self.assignments, 3) if self.assignments else None,
+                "queue_ms_mean": round(sum(self.queue_ms) / len(self.queue_ms), 3) if self.queue_ms else None}
 
 
 class CeleryEngine:
@@ -76,9 +76,8 @@ class CeleryEngine:
         down: set[str] = set()
 
         def submit(assignments: list[Assignment], spent: float) -> None:
-            if assignments:
-                per = 1000 * spent / len(assignments)
-                self.stats.decide_ms.extend([per] * len(assignments))
+            self.stats.decide_s += spent
+            self.stats.assignments += len(assignments)
             if assignments and self.on_change is not None:  # before sending: a successor numbers attempts on
                 self.on_change(coordinator, {a.vm for a in assignments})
             for a in assignments:
@@ -125,7 +124,7 @@ class CeleryEngine:
             if result.end is not None:
                 ended(result.end)
 
-        def watch() -> None:
+        def watch(running: bool = True) -> None:
             for proxy in coordinator.proxy_names:
                 alive = bool(self.bus.exists(heartbeat_key(proxy)))
                 if not alive and proxy not in down:
@@ -138,8 +137,8 @@ class CeleryEngine:
                             log.exception("cleaning up after proxy %s failed", proxy)
                     for vm in lost:
                         del open_attempts[vm]
-                    call(coordinator.on_proxy_down, proxy, "worker heartbeat lost" if started else
-                         "no worker heartbeat")
+                    why = "worker heartbeat lost" if running else "no worker heartbeat"
+                    call(coordinator.on_proxy_down, proxy, why)
                     if self.on_change is not None:
                         self.on_change(coordinator, lost)
                 elif alive and proxy in down:
@@ -148,9 +147,7 @@ class CeleryEngine:
             proxies = {vm: a.proxy for vm, a in open_attempts.items()}
             self.ledger.renew_streams([s for s, vm, _ in coordinator.running() if proxies.get(vm) not in down])
 
-        started = False
-        watch()  # proxies without a worker are down before the first assignment
-        started = True
+        watch(running=False)  # proxies without a worker are down before the first assignment
         if self.on_change is not None:
             self.on_change(coordinator, [vm.name for vm in coordinator.job.vms])
         call(coordinator.start)

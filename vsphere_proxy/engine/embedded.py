@@ -59,12 +59,13 @@ class EmbeddedEngine:
 
         def ended(end: AttemptEnd) -> None:
             with lock:
-                if self.on_end is not None:
+                following = coordinator.on_complete(end.vm, end.ok, end.error, attempt=end.attempt)
+                if self.on_end is not None:  # after the coordinator took it in: the VM's new state is readable
                     try:
                         self.on_end(end)
                     except Exception:  # a failing observer must not lose the VM's outcome for the coordinator
                         log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)
-                submit(coordinator.on_complete(end.vm, end.ok, end.error, attempt=end.attempt))
+                submit(following)
 
         def stream(a: Assignment, at: Attempt) -> None:
             result: StreamResult = runner.run(a, at)
