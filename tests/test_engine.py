@@ -13,6 +13,7 @@ from typing import Any
 from vsphere_proxy.coordinator import Assignment, Coordinator, Job, Policy, VmStatus, WorkDisk, WorkVM
 from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
 from vsphere_proxy.engine.session import Finished
+from vsphere_proxy.engine.streams import StreamRunner
 from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.model import Proxy, ProxyKind
 from vsphere_proxy.repository import Repository, VmIdentity
@@ -178,3 +179,27 @@ def test_a_disk_read_fine_after_another_disk_of_its_attempt_failed_still_ends_th
     point = ends[-1].point_id
     assert [repo.restore(point, i, tmp_path / f"r{i}").sha256 for i in range(2)] == [digests[("a", 0)],
                                                                                     digests[("a", 1)]]
+
+
+def test_a_stream_handed_out_as_its_attempt_ended_stops_at_once(tmp_path: Path) -> None:
+    """Stream 0 reads disk 0 while stream 1 fails on disk 1 and ends the attempt; the coordinator, told of disk 0
+    first, hands stream 0 disk 2 of the attempt that has ended: that stream must not wait for a snapshot."""
+    vms, _ = setup(tmp_path, {"a": [(BLOCK, "ds1"), (BLOCK, "ds1"), (BLOCK, "ds1")]})
+    repo = Repository.init(tmp_path / "repo")
+    vm = vms[0]
+
+    class Preparer:
+        def prepare(self, a: Assignment) -> LocalFilesSession:
+            return LocalFilesSession(tmp_path, repo, a, vm, set(), None)
+
+    def assignment(stream: int, disk: int, opens: bool) -> Assignment:
+        return Assignment("job", "a", "p1", "san", Tier.SAN, 1, 1, f"job/a/1/{stream}", disk, 3, opens, False,
+                          None, None, "test")
+
+    runner = StreamRunner(Preparer(), ready_timeout=30)
+    first = runner.run(assignment(0, 0, True))
+    assert first.disk_done and first.end is None
+    assert runner.end(("job", "a", 1), "disk 1 failed") is not None  # the other stream ended the attempt
+    t = time.monotonic()
+    late = runner.run(assignment(0, 2, False))
+    assert time.monotonic() - t < 5 and not late.disk_done and late.end is None and late.error

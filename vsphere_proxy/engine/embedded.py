@@ -44,7 +44,7 @@ class EmbeddedEngine:
         lock = threading.RLock()
         finished = threading.Event()
         progress = self.on_progress
-        runner = StreamRunner(self.preparer, clock=self.clock, throttle=self.throttle,
+        runner = StreamRunner(self.preparer, clock=self.clock, throttle=self.throttle, ready_timeout=self.stall_seconds,
                               on_progress=(lambda a, pos: progress(a.vm, a.disk, pos)) if progress else None)
         pools = {name: ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix=f"proxy-{name}")
                  for name, limit in coordinator.limits.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from vsphere_proxy.transports import read_blocks
 log = logging.getLogger(__name__)
 
 AttemptKey = tuple[str, str, int]  # job, vm, attempt
+CLOSED_KEPT = 10_000  # ended attempts remembered, so that a stream handed out as one ended does not wait for it
 
 
 class _Aborted(Exception):
@@ -122,12 +124,17 @@ class StreamRunner:
         self.confirm = confirm  # (stream) -> still ours? asked before a restore point is committed
         self.lock = threading.RLock()
         self.attempts: dict[AttemptKey, Attempt] = {}
+        self.closed: OrderedDict[AttemptKey, None] = OrderedDict()  # recently ended: late streams find them
 
     def admit(self, a: Assignment) -> Attempt:
         """Count `a` as in flight (before it runs, so that queued streams are watched too)."""
         key = (a.job, a.vm, a.attempt)
         with self.lock:
             at = self.attempts.get(key)
+            if at is None and key in self.closed:  # a stream handed out as its attempt ended: it stops at once
+                at = Attempt(a.job, a.vm, a.attempt, a.proxy, a.mode, a.round, a.disk_count, self.clock(),
+                             error="the attempt already ended", ended=True)
+                at.ready.set()
             if at is None:
                 at = self.attempts[key] = Attempt(a.job, a.vm, a.attempt, a.proxy, a.mode, a.round, a.disk_count,
                                                   self.clock())
@@ -228,7 +235,12 @@ class StreamRunner:
             except Exception as e:  # commit or cleanup failed: the attempt failed
                 ok, at.error = False, at.error or f"finishing failed: {e}"
         with self.lock:
-            self.attempts.pop((at.job, at.vm, at.attempt), None)
+            key = (at.job, at.vm, at.attempt)
+            if self.attempts.get(key) is at:
+                del self.attempts[key]
+                self.closed[key] = None
+                while len(self.closed) > CLOSED_KEPT:
+                    self.closed.popitem(last=False)
         return AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error, at.bytes_read,
                           result.bytes_written, self.clock() - at.started, result.point_id if ok else None,
                           result.notes, result.stats, result.read)
