@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vsphere_proxy.coordinator import STRATEGIES, Assignment, Coordinator, Job, VmStatus
+from vsphere_proxy.coordinator import STRATEGIES, Assignment, Coordinator, Decision, Job, VmStatus
 from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.scenario import Scenario
 
@@ -110,6 +110,8 @@ class SimResult:
     lost: tuple[str, ...]  # neither backed up nor reported: must stay empty
     fell_back: dict[str, str]
     segments: tuple[Segment, ...] = field(repr=False, default=())
+    decisions: tuple[Decision, ...] = field(repr=False, default=())  # kept with the segments
+    proxy_limits: dict[str, int] = field(default_factory=dict)
 
     def to_json(self, bound: float | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -260,7 +262,8 @@ def simulate(scenario: Scenario, strategy: str = "scheduler", *, keep_segments: 
         {p.name: busy_time[p.name] / span for p in scenario.proxies},
         dict(sorted(ds_peak.items())), tuple(sorted(stranded)), failed,
         {v.vm: v.error for v in report.vms if v.vm in failed}, report.count(VmStatus.DONE), lost,
-        {v.vm: v.fell_back for v in report.vms if v.fell_back}, tuple(segments))
+        {v.vm: v.fell_back for v in report.vms if v.fell_back}, tuple(segments),
+        tuple(coordinator.decisions) if keep_segments else (), dict(coordinator.limits))
 
 
 BASELINES = ("round-robin", "least-loaded")

@@ -12,8 +12,10 @@ from rich.table import Table
 from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json
 from vsphere_proxy.config import ConfigError
 from vsphere_proxy.coordinator import STRATEGIES
+from vsphere_proxy.report_html import write
 from vsphere_proxy.scenario import load_scenario
 from vsphere_proxy.simulator import Comparison, compare
+from vsphere_proxy.timeline import from_simulation
 
 HELP = "simulate a backup window from a scenario file: makespan, streams, rounds, failures, against baselines"
 
@@ -24,6 +26,8 @@ def build_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     p.add_argument("--strategy", action="append", choices=sorted(STRATEGIES),
                    help="run only this strategy (repeatable; default: the scheduler and both baselines)")
+    p.add_argument("--html", metavar="FILE", help="also write the scheduler's window as a self-contained HTML "
+                   "timeline (lanes per proxy, a bar per stream, datastore load, decisions)")
     p.set_defaults(func=do_simulate)
 
 
@@ -38,7 +42,16 @@ def do_simulate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
     strategies = args.strategy or ["scheduler", "round-robin", "least-loaded"]
-    result = compare(scenario, strategies)
+    if args.html and "scheduler" not in strategies:
+        raise CommandError("--html: draws the scheduler's window; add --strategy scheduler", EXIT_BAD_INPUT)
+    result = compare(scenario, strategies, keep_segments=bool(args.html))
+    if args.html:
+        try:
+            size = write(from_simulation(result), Path(args.html))
+        except OSError as e:
+            raise CommandError(f"--html: {args.html}: cannot write ({e.strerror or e})", EXIT_BAD_INPUT) from None
+        if not args.json:
+            console().print(f"timeline written to {args.html} ({size:,} bytes)")
     if args.json:
         emit_json(result.to_json())
     else:

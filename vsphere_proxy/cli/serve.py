@@ -1,0 +1,113 @@
+"""`vsphere-proxy serve`: the read-only dashboard (jobs, progress, live lanes per proxy, streams per proxy and
+datastore) and Prometheus metrics at /metrics, over the catalog and, with `distributed:`, the Redis ledger.
+
+It listens on loopback by default. Any other address needs a token, taken from an environment variable (never
+from the command line or the configuration), that every client must send."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+from typing import Any
+
+from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    CommandError,
+    add_config_argument,
+    read_config,
+)
+from vsphere_proxy.config import Config
+from vsphere_proxy.model import Proxy, ProxyKind
+
+HELP = "serve a read-only dashboard of jobs and streams, and Prometheus metrics at /metrics"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_TOKEN_ENV = "VSPHERE_PROXY_DASHBOARD_TOKEN"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def build_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help=HELP, description=HELP)
+    add_config_argument(p)
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"address to listen on (default {DEFAULT_LISTEN}; any non-loopback host needs a token)")
+    p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV, metavar="NAME",
+                   help=f"environment variable holding the token clients must send as `Authorization: Bearer` or "
+                        f"?token= (default {DEFAULT_TOKEN_ENV}; used whenever set)")
+    p.set_defaults(func=do_serve)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets: [::1]:8080) into (host, port); one-line CommandError otherwise."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
+    elif ":" in host:
+        host = ""  # an IPv6 address must be bracketed so that its port is unambiguous
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise CommandError(f"--listen: {value!r} is not HOST:PORT (e.g. 127.0.0.1:8080 or [::1]:8080)",
+                           EXIT_BAD_INPUT)
+    return host, int(port)
+
+
+def check_bindable(host: str, port: int, shown: str) -> None:
+    """Fail in one line, before serving, when the address cannot be listened on (unknown host, port in use)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        raise CommandError(f"--listen: cannot listen on {shown} ({e.strerror or type(e).__name__})",
+                           EXIT_BAD_INPUT) from None
+
+
+def physical_limits(config: Config) -> dict[str, int]:
+    """Stream limits of the physical proxies (their CPUs and memory are in the configuration; a VM proxy's would
+    need vCenter, so it shows no limit)."""
+    formula = config.job.policy.to_policy().formula
+    return {p.name: formula(Proxy(p.name, ProxyKind.PHYSICAL, p.cpus, p.ram_mb)) for p in config.proxies
+            if p.kind == "physical" and p.cpus is not None and p.ram_mb is not None}
+
+
+def do_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vsphere_proxy.catalog import CatalogError
+    from vsphere_proxy.dashboard import make_app
+
+    host, port = parse_listen(args.listen)
+    token = os.environ.get(args.token_env) or None
+    if host not in LOOPBACK and token is None:
+        raise CommandError(f"--listen: {host} is not loopback; set {args.token_env} (a token clients must send)",
+                           EXIT_BAD_INPUT)
+    config = read_config(args.config)
+    if config.repository is None:
+        raise CommandError("repository: not configured; the catalog lives beside it", EXIT_BAD_INPUT)
+    check_bindable(host, port, args.listen)
+    client = ledger = None
+    if config.distributed is not None:
+        from vsphere_proxy.cli.fleet import redis_client
+
+        client, ledger = redis_client(config.distributed)
+    try:
+        try:
+            app = make_app(config.repository.catalog_target(), ledger=ledger, limits=physical_limits(config),
+                           token=token)
+        except CatalogError as e:
+            raise CommandError(f"repository.catalog: {e}", EXIT_BAD_INPUT) from None
+        shown = f"[{host}]" if ":" in host else host
+        print(f"vsphere-proxy: dashboard on http://{shown}:{port}/ (metrics at /metrics"
+              + (f"; clients must send the token in ${args.token_env})" if token else ")"), flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+    finally:
+        if client is not None:
+            client.close()
+    return EXIT_OK
