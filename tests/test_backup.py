@@ -29,6 +29,7 @@ from adapters.snapshots import list_snapshots
 from adapters.tasks import wait_for_task
 from testbed import topology as topo
 from testbed.config import credentials_path_for, write_config, write_credentials
+from testbed.faults import fail_each_vm_once
 from testbed.images import sha256_file, write_images
 from testbed.launcher import Vcsim
 from testbed.writes import rewrite
@@ -39,6 +40,9 @@ from vsphere_proxy.repository import Repository
 from vsphere_proxy.transports import BLOCK, TransportError
 
 pytestmark = pytest.mark.integration
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # reports and screenshots a person can look at
+ARTIFACTS.mkdir(exist_ok=True)
 
 USER = "administrator@vsphere.local"
 PROXY_VMS = ("proxy-prod", "proxy-dev")
@@ -213,37 +217,7 @@ def test_a_cbt_reset_makes_the_next_backup_a_full_read_and_says_why(bed: Bed) ->
 
 def test_a_transport_failing_mid_disk_strands_the_vm_and_leaves_no_snapshot_or_attached_disk(
         bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
-    failed: dict[str, str] = {}
-    real = attempt_module.RepositorySession.transport
-
-    class Failing:
-        """Delegates to the real transport (hot-add really attaches), fails once per VM at the second block."""
-
-        def __init__(self, inner: Any, vm: str) -> None:
-            self.inner, self.vm, self.mode = inner, vm, inner.mode
-
-        def open(self, disk: Any) -> None:
-            self.inner.open(disk)
-
-        def read_block(self, offset: int, length: int) -> bytes:
-            if offset == BLOCK and self.vm not in failed:
-                failed[self.vm] = self.mode
-                raise TransportError(f"{self.mode}: injected failure at offset {offset}")
-            return bytes(self.inner.read_block(offset, length))
-
-        def close(self) -> None:
-            self.inner.close()
-
-        def __enter__(self) -> Failing:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.close()
-
-    def transport(self: Any) -> Any:
-        return Failing(real(self), self.assignment.vm)
-
-    monkeypatch.setattr(attempt_module.RepositorySession, "transport", transport)
+    failed = fail_each_vm_once(monkeypatch)
     code, report = backup(bed.variant("full-reads", incremental=False))
     assert code == 0 and report["status"] == "complete" and report["rounds"] == 2, report
     assert {"san", "hotadd", "nbd"} <= set(failed.values()), failed
@@ -260,6 +234,25 @@ def test_a_transport_failing_mid_disk_strands_the_vm_and_leaves_no_snapshot_or_a
     for (vm, index), digest in bed.images.items():
         if vm in failed:
             assert _restored_hash(bed, vm, index) == digest
+    # the window picture of that job: a bar per stream, the stranded VMs visible as recovered
+    page = ARTIFACTS / "report-testbed-job.html"
+    code, drawn = cli("report", "--config", str(bed.config), "--job", report["job_id"], "--html", str(page), "--json")
+    assert code == 0, drawn
+    catalog = bed.catalog()
+    try:
+        streams = catalog.streams(report["job_id"])
+    finally:
+        catalog.close()
+    assert drawn["streams"] == len(streams)
+    assert sorted(s.vm for s in streams if s.outcome == "failed") == sorted(failed)  # each injected failure
+    for m in bed.topology["Machine"]:
+        if lines.get(m["Name"], {}).get("status") == "done":  # its last attempt read every disk
+            last = lines[m["Name"]]["attempts"]
+            read = {s.disk for s in streams if s.vm == m["Name"] and s.attempt == last and s.outcome == "read"}
+            assert read == set(range(len(m["Disk"]))), m["Name"]
+    assert set(drawn["recovered"]) == set(failed)
+    text = page.read_text()
+    assert text.count('<rect class="bar ') == len(streams) and text.count('class="lane"') == drawn["lanes"]
 
 
 def test_a_vm_that_fails_in_every_round_makes_the_job_partial_with_exit_3(

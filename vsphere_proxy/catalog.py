@@ -120,6 +120,55 @@ class JobVmRow(_Base):
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class StreamRow(_Base):
+    """One stream: a disk of a VM attempt read on a proxy over [started, ended) (the window report's bars)."""
+
+    __tablename__ = "streams"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    stream: Mapped[str] = mapped_column(String(400))
+    vm: Mapped[str] = mapped_column(String(255))
+    disk: Mapped[int] = mapped_column(Integer)
+    proxy: Mapped[str] = mapped_column(String(80))
+    mode: Mapped[str] = mapped_column(String(20))
+    datastore: Mapped[str] = mapped_column(String(255))
+    round: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    outcome: Mapped[str] = mapped_column(String(20))  # read | failed | aborted
+
+
+class DecisionRow(_Base):
+    """The coordinator's decisions with their reasons, in order (`plan --explain`'s, for a job that ran)."""
+
+    __tablename__ = "decisions"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(20))
+    vm: Mapped[str | None] = mapped_column(String(255))
+    proxy: Mapped[str | None] = mapped_column(String(80))
+    reason: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    stream: str
+    vm: str
+    disk: int
+    proxy: str
+    mode: str
+    datastore: str
+    round: int
+    attempt: int
+    started: datetime
+    ended: datetime
+    bytes: int
+    outcome: str
+
+
 @dataclass(frozen=True)
 class VmState:
     """One VM's place in a running job."""
@@ -221,6 +270,27 @@ class Catalog:
         with self._session() as s:
             rows = s.scalars(select(JobVmRow).where(JobVmRow.job_id == job_id).order_by(JobVmRow.vm))
             return {r.vm: VmState(r.vm, r.status, r.round, r.attempts, r.proxy, r.mode, r.error) for r in rows}
+
+    def add_stream(self, job_id: str, record: StreamRecord) -> None:
+        with self._tx() as s:
+            s.add(StreamRow(job_id=job_id, **record.__dict__))
+
+    def streams(self, job_id: str) -> list[StreamRow]:
+        with self._session() as s:
+            return list(s.scalars(select(StreamRow).where(StreamRow.job_id == job_id).order_by(StreamRow.id)))
+
+    def add_decisions(self, job_id: str, decisions: Sequence[tuple[int, str, str | None, str | None, str]]) -> None:
+        """Append (round, verdict, vm, proxy, reason) after the job's decisions already kept."""
+        with self._tx() as s:
+            last = s.scalar(select(DecisionRow.seq).where(DecisionRow.job_id == job_id)
+                            .order_by(DecisionRow.seq.desc()).limit(1))
+            base = -1 if last is None else last
+            s.add_all(DecisionRow(job_id=job_id, seq=base + 1 + i, round=r, verdict=v, vm=vm, proxy=p, reason=why)
+                      for i, (r, v, vm, p, why) in enumerate(decisions))
+
+    def decisions(self, job_id: str) -> list[DecisionRow]:
+        with self._session() as s:
+            return list(s.scalars(select(DecisionRow).where(DecisionRow.job_id == job_id).order_by(DecisionRow.seq)))
 
     def reopen_job(self, job_id: str, coordinator: str) -> None:
         """Another coordinator takes the running job over: the coordinator role moves to it."""

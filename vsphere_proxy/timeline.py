@@ -158,3 +158,41 @@ def from_simulation(comparison: Any, strategy: str = "scheduler") -> Timeline:
 
 def _last_strand(decisions: Sequence[Any], vm: str) -> str:
     return next((d.reason for d in reversed(decisions) if d.vm == vm and d.verdict == "strand"), "")
+
+
+def from_job(catalog: Any, job_id: str) -> Timeline:
+    """The timeline of a job that ran (or runs), from the catalog: its streams, limits, policy and decisions."""
+    job = catalog.job(job_id)
+    if job is None:
+        raise KeyError(job_id)
+    rows = catalog.streams(job_id)
+    origin = min((r.started for r in rows), default=job.started)
+    bars = tuple(Bar(r.vm, r.disk, r.proxy, r.mode, r.datastore, r.round, r.attempt,
+                     (r.started - origin).total_seconds(), max((r.ended - origin).total_seconds(),
+                                                               (r.started - origin).total_seconds()),
+                     r.outcome, r.bytes) for r in rows)
+    summary: Mapping[str, Any] = job.summary or {}
+    policy: Mapping[str, Any] = job.policy or {}
+    limits: Mapping[str, int] = summary.get("stream_limits") or {}
+    names = list(limits) + sorted({b.proxy for b in bars} - set(limits))
+    lanes = tuple(Lane(p, int(limits.get(p, 0))) for p in names)
+    stranded: dict[str, str] = {}
+    for r in catalog.results(job_id):
+        if r.status == "stranded":
+            stranded[r.vm] = f"attempt {r.attempt} on {r.proxy} ({r.mode}) in round {r.round}: {r.error}"
+    counts = summary.get("counts") or {}
+    read, written = summary.get("bytes_read"), summary.get("bytes_written")
+    makespan = max((b.end for b in bars), default=0.0)
+    info = {
+        "job": job.id, "engine": job.engine, "status": job.status, "makespan_s": round(makespan, 1),
+        "vms": sum(counts.values()) if counts else None, "done": counts.get("done"), "rounds": job.rounds,
+        "bytes_read": read, "bytes_written": written,
+        "dedup_ratio": round(read / written, 2) if read and written else None,
+        "stranded": stranded, "failed": dict(summary.get("not_backed_up") or {}),
+        "fell_back": dict(summary.get("fell_back") or {}),
+    }
+    notes = tuple(Note(d.round, d.verdict, d.vm, d.proxy, d.reason) for d in catalog.decisions(job_id)
+                  if d.verdict not in ("skip", "wait"))
+    return Timeline(f"{job.name}: backup job {job.id} ({job.status})", "job", lanes, bars,
+                    int(policy.get("threshold", 1)), int(policy.get("datastore_cap", 4)), info, notes,
+                    recovered_vms(bars))

@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vsphere_proxy.cli import backup, cbt, discover, jobs, plan, restore, serve, simulate, verify, worker
+from vsphere_proxy.cli import backup, cbt, discover, jobs, plan, report, restore, serve, simulate, verify, worker
 from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 
-COMMANDS = (discover, plan, backup, restore, verify, jobs, cbt, simulate, worker, serve)
+COMMANDS = (discover, plan, backup, restore, verify, jobs, report, cbt, simulate, worker, serve)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from vsphere_proxy.backup_report import BackupReport, build_report
-from vsphere_proxy.catalog import Catalog, CatalogError, VmResult
+from vsphere_proxy.catalog import Catalog, CatalogError, StreamRecord, VmResult
 from vsphere_proxy.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -41,6 +41,7 @@ from vsphere_proxy.config import Config
 from vsphere_proxy.coordinator import Assignment, Coordinator
 from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
+from vsphere_proxy.engine.streams import StreamResult
 from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.model import VM, Proxy
 from vsphere_proxy.repository import Repository, RepositoryError
@@ -156,6 +157,12 @@ def throttles(config: Config) -> dict[str, float]:
     return {pc.name: pc.stream_mb_s * 1_000_000 for pc in config.proxies if pc.stream_mb_s}
 
 
+def keep_decisions(catalog: Catalog, job_id: str, coordinator: Coordinator) -> None:
+    """The coordinator's decisions go to the catalog (after those of a coordinator it took over from)."""
+    catalog.add_decisions(job_id, [(d.round, d.verdict, d.vm, d.proxy, d.reason) for d in coordinator.decisions
+                                   if d.verdict != "skip"])
+
+
 def run_backup(config: Config, found: Discovered, repo: Repository, *, show_progress: bool = False,
                engine: str = "embedded", resume: str | None = None) -> BackupReport:
     """Sweep, run every round of the job on the chosen engine, keep it in the catalog; return the report.
@@ -214,6 +221,13 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
             record_attempt(catalog, job_id, end, vms.get(end.vm))
         progress.ended(end)
 
+    datastores = {(vm.name, d.index): d.datastore for vm in setup.job.vms for d in vm.disks}
+
+    def on_stream(a: Assignment, r: StreamResult) -> None:
+        catalog.add_stream(job_id, StreamRecord(
+            a.stream, a.vm, a.disk, a.proxy, a.mode, datastores.get((a.vm, a.disk), ""), a.round, a.attempt,
+            datetime.fromtimestamp(r.started, UTC), datetime.fromtimestamp(r.ended, UTC), r.bytes, r.outcome))
+
     coordinator = Coordinator(setup.job, fleet.ledger if fleet else InMemoryLedger())
     if earlier is not None:
         coordinator.carry_over(earlier.attempts, earlier.round)
@@ -229,7 +243,8 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
                 job_context = {"id": job_id, "incremental": policy.incremental, "quiesce": policy.quiesce,
                                "repository": str(repo.path)}
                 celery_engine = fleet.engine(job_context, on_start=on_start, on_end=on_end, on_proxy_lost=lost,
-                                             on_change=states.changed, on_progress=progress.update)
+                                             on_change=states.changed, on_progress=progress.update,
+                                             on_stream=on_stream)
                 job_report = celery_engine.run(coordinator)
                 dispatch = celery_engine.stats.to_json()
             else:
@@ -247,11 +262,12 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
 
                 embedded = EmbeddedEngine(preparer, stall_seconds=policy.stall_seconds, on_end=ended,
                                           on_progress=progress.update, on_start=started,
-                                          throttle=throttles(config))
+                                          throttle=throttles(config), on_stream=on_stream)
                 states.changed(coordinator, [vm.name for vm in setup.job.vms])
                 job_report = embedded.run(coordinator)
                 dispatch = {}
     except BaseException:
+        keep_decisions(catalog, job_id, coordinator)
         catalog.close()  # the job stays `running` in the catalog: `backup --resume` takes it over
         raise
     finally:
@@ -264,7 +280,12 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
                           swept_snapshots=[f"{s.name} ({s.vm_moref})" for s in swept_snaps if s.removed],
                           swept_disks=[f"{d.disk.file} ({d.disk.proxy_moref})" for d in swept_disks if d.detached],
                           cleanup_errors=errors, dispatch=dispatch)
-    summary = {k: v for k, v in report.to_json().items() if k != "vms"}
+    data = report.to_json()
+    summary = {k: v for k, v in data.items() if k != "vms"}
+    summary["stream_limits"] = dict(coordinator.limits)
+    summary["fell_back"] = {v["vm"]: v["fell_back"] for v in data["vms"] if v["fell_back"]}
+    summary["not_backed_up"] = {v["vm"]: v["error"] for v in data["vms"] if v["status"] in ("failed", "unprotected")}
+    keep_decisions(catalog, job_id, coordinator)
     catalog.finish_job(job_id, report.status, summary)
     catalog.close()
     return report

@@ -15,7 +15,7 @@ from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 from vsphere_proxy.config import Config, ConfigError, DistributedConfig
 from vsphere_proxy.coordinator import Assignment, Coordinator
 from vsphere_proxy.engine.distributed import CeleryEngine
-from vsphere_proxy.engine.streams import AttemptEnd
+from vsphere_proxy.engine.streams import AttemptEnd, StreamResult
 from vsphere_proxy.engine.worker import events_key
 from vsphere_proxy.ledger_redis import RedisLedger
 
@@ -62,13 +62,14 @@ class Fleet:
     def engine(self, job_context: dict[str, Any], *, on_start: Callable[[Assignment], None],
                on_end: Callable[[AttemptEnd], None], on_proxy_lost: Callable[[str, list[str]], None],
                on_change: Callable[[Coordinator, Iterable[str]], None],
-               on_progress: Callable[[str, int, int], None]) -> CeleryEngine:
+               on_progress: Callable[[str, int, int], None],
+               on_stream: Callable[[Assignment, StreamResult], None]) -> CeleryEngine:
         from vsphere_proxy.engine.celery_app import send_stream
 
         return CeleryEngine(lambda payload, proxy: send_stream(self.app, payload, proxy), self.ledger, self.client,
                             job_context=job_context, watch_every=min(1.0, self.config.heartbeat),
                             on_start=on_start, on_end=on_end, on_proxy_lost=on_proxy_lost, on_change=on_change,
-                            on_progress=on_progress)
+                            on_progress=on_progress, on_stream=on_stream)
 
     def drain(self, stall_seconds: float, out: Console | None = None) -> None:
         """Wait until the streams a stopped coordinator left are gone: each ends on its worker (attempts no one

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
 from vsphere_proxy.engine.streams import AttemptEnd, StreamResult
-from vsphere_proxy.engine.worker import assignment_to_json, events_key, heartbeat_key
+from vsphere_proxy.engine.worker import assignment_from_json, assignment_to_json, events_key, heartbeat_key
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class CeleryEngine:
                  on_end: Callable[[AttemptEnd], None] | None = None,
                  on_proxy_lost: Callable[[str, list[str]], None] | None = None,
                  on_change: Callable[[Coordinator, Iterable[str]], None] | None = None,
-                 on_progress: Callable[[str, int, int], None] | None = None) -> None:
+                 on_progress: Callable[[str, int, int], None] | None = None,
+                 on_stream: Callable[[Assignment, StreamResult], None] | None = None) -> None:
         self.send = send  # (payload, proxy): queue the stream on the proxy's worker
         self.ledger = ledger
         self.bus = bus  # redis.Redis: blpop, exists
@@ -67,6 +68,7 @@ class CeleryEngine:
         self.on_proxy_lost = on_proxy_lost  # (proxy, VMs it was running): clean up in vCenter
         self.on_change = on_change  # (coordinator, VMs whose state changed): persist the job's state
         self.on_progress = on_progress  # (vm, disk, bytes read so far)
+        self.on_stream = on_stream  # every stream as it ended on its worker (the window's bars)
         self.stats = DispatchStats()
 
     def run(self, coordinator: Coordinator) -> JobReport:
@@ -117,6 +119,11 @@ class CeleryEngine:
                 ended(AttemptEnd.from_json(event["end"]))
                 return
             result = StreamResult.from_json(event["result"])
+            if self.on_stream is not None and event.get("assignment") and result.started:
+                try:
+                    self.on_stream(assignment_from_json(event["assignment"]), result)
+                except Exception:
+                    log.exception("recording stream %s failed", result.stream)
             if event.get("sent") and event.get("started"):
                 self.stats.queue_ms.append(1000 * (float(event["started"]) - float(event["sent"])))
             if result.disk_done:

@@ -30,7 +30,8 @@ class EmbeddedEngine:
                  on_end: Callable[[AttemptEnd], None] | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None,
                  on_start: Callable[[Assignment], None] | None = None,
-                 throttle: Mapping[str, float] | None = None) -> None:
+                 throttle: Mapping[str, float] | None = None,
+                 on_stream: Callable[[Assignment, StreamResult], None] | None = None) -> None:
         self.preparer = preparer
         self.stall_seconds = stall_seconds
         self.clock = clock
@@ -39,6 +40,7 @@ class EmbeddedEngine:
         self.on_progress = on_progress  # (vm, disk, bytes) after every block
         self.on_start = on_start  # every assignment that opens an attempt, before it runs
         self.throttle = dict(throttle or {})  # proxy -> the most bytes per second one of its streams reads
+        self.on_stream = on_stream  # every stream as it ends: when it ran, what it read (the window's bars)
 
     def run(self, coordinator: Coordinator) -> JobReport:
         lock = threading.RLock()
@@ -69,6 +71,11 @@ class EmbeddedEngine:
 
         def stream(a: Assignment, at: Attempt) -> None:
             result: StreamResult = runner.run(a, at)
+            if self.on_stream is not None:
+                try:
+                    self.on_stream(a, result)
+                except Exception:
+                    log.exception("recording stream %s failed", a.stream)
             if result.disk_done:
                 with lock:
                     submit(coordinator.on_disk_done(a.vm, a.disk, a.attempt))

@@ -71,16 +71,27 @@ class StreamResult:
     disk_done: bool
     end: AttemptEnd | None = None
     error: str = ""
+    started: float = 0.0  # wall clock (epoch seconds) when the stream began, and ended
+    ended: float = 0.0
+    bytes: int = 0  # read by this stream
+    failed: bool = False  # this stream's own read or preparation failed (not another stream of its attempt)
+
+    @property
+    def outcome(self) -> str:
+        return "read" if self.disk_done else "failed" if self.failed else "aborted"
 
     def to_json(self) -> dict[str, Any]:
         return {"vm": self.vm, "attempt": self.attempt, "disk": self.disk, "stream": self.stream,
-                "disk_done": self.disk_done, "end": self.end.to_json() if self.end else None, "error": self.error}
+                "disk_done": self.disk_done, "end": self.end.to_json() if self.end else None, "error": self.error,
+                "started": self.started, "ended": self.ended, "bytes": self.bytes, "failed": self.failed}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StreamResult:
         end = data.get("end")
         return cls(data["vm"], int(data["attempt"]), int(data["disk"]), data["stream"], bool(data["disk_done"]),
-                   AttemptEnd.from_json(end) if end else None, data.get("error", ""))
+                   AttemptEnd.from_json(end) if end else None, data.get("error", ""),
+                   float(data.get("started") or 0.0), float(data.get("ended") or 0.0), int(data.get("bytes") or 0),
+                   bool(data.get("failed")))
 
 
 @dataclass
@@ -148,7 +159,8 @@ class StreamRunner:
         """Read `a`'s disk; end the attempt when this stream is its last."""
         if at is None:
             at = self.admit(a)
-        ok = False
+        ok = own_failure = False
+        began, moved_total = time.time(), 0
         try:
             if at.ended:
                 raise _Aborted
@@ -156,6 +168,7 @@ class StreamRunner:
                 try:
                     session = self.preparer.prepare(a)
                 except Exception as e:
+                    own_failure = True
                     at.error = at.error or f"preparing {a.vm} on {a.proxy} failed: {e}"
                     raise _Aborted from None
                 with self.lock:
@@ -170,13 +183,14 @@ class StreamRunner:
             if at.error or at.session is None:
                 raise _Aborted
             source, sink = at.session.source(a.disk), at.session.sink(a.disk)
-            rate, began, moved = self.throttle.get(a.proxy), time.monotonic(), 0
+            rate, paced_from, moved = self.throttle.get(a.proxy), time.monotonic(), 0
             with at.session.transport() as transport:
                 transport.open(source)
                 for offset, block in read_blocks(transport, source.capacity, offsets=sink.offsets()):
                     if at.error or at.ended:
                         raise _Aborted
                     sink.write(offset, block)
+                    moved_total += len(block)
                     with self.lock:
                         at.bytes_read += len(block)
                         at.last_progress[a.stream] = self.clock()
@@ -184,13 +198,14 @@ class StreamRunner:
                         self.on_progress(a, offset + len(block))
                     if rate:
                         moved += len(block)
-                        ahead = moved / rate - (time.monotonic() - began)
+                        ahead = moved / rate - (time.monotonic() - paced_from)
                         if ahead > 0:
                             self.sleep(ahead)
             ok = True
         except _Aborted:
             pass
         except Exception as e:
+            own_failure = True
             with self.lock:
                 at.error = at.error or f"{a.mode} read of {a.vm} disk {a.disk} on {a.proxy} failed: {e}"
         finally:
@@ -211,8 +226,10 @@ class StreamRunner:
             elif at.inflight == 0:
                 # failed, or read fine while another stream of the attempt failed: the last one closes it
                 closing = at.ended = True
+        read_until = time.time()  # the bar ends with the read, before the restore point and snapshot removal
         end = self.close(at, a.stream) if closing else None
-        return StreamResult(a.vm, a.attempt, a.disk, a.stream, disk_done, end, "" if ok else at.error)
+        return StreamResult(a.vm, a.attempt, a.disk, a.stream, disk_done, end, "" if ok else at.error, began,
+                            read_until, moved_total, own_failure)
 
     @staticmethod
     def _discard(session: VmSession, at: Attempt) -> None:

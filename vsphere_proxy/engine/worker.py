@@ -146,7 +146,8 @@ class ProxyWorker:
         self._reported.pop(a.stream, None)
         if result.end is not None:
             self._ended(a.job, result.end)
-        event = {"kind": "stream", "proxy": self.proxy, "result": result.to_json(), "sent": payload.get("sent"),
+        event = {"kind": "stream", "proxy": self.proxy, "assignment": payload["assignment"],
+                 "result": result.to_json(), "sent": payload.get("sent"),
                  "started": started, "finished": time.time()}
         self._publish(a.job, event)
         return event
