@@ -6,7 +6,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/vcsim"
-packages=(golang-go golang-github-vmware-govmomi-dev redis-server postgresql)
+packages=(golang-go golang-github-vmware-govmomi-dev redis-server postgresql chromium chromium-driver)
 
 log() { printf 'testbed/setup.sh: %s\n' "$*" >&2; }
 

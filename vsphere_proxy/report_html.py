@@ -28,9 +28,10 @@ table.summary td{padding:1px 10px 1px 0;vertical-align:top} .bad{color:#b00}
 .legend span{display:inline-block;margin-right:14px} .sw{width:14px;height:10px;display:inline-block;
 vertical-align:middle;margin-right:4px;border:1px solid #0003}
 svg{display:block} .lane-bg{fill:#f4f4f4} .lane-label{font-size:12px} .axis{font-size:11px;fill:#555}
-rect.bar{cursor:pointer} rect.bar:hover{stroke:#000;stroke-width:1.5}
-.r2{stroke:#000;stroke-width:1} .r3,.r4,.r5{stroke:#000;stroke-width:1;stroke-dasharray:2 1}
-.failed{fill-opacity:.35;stroke:#d62728;stroke-width:1.5} .aborted{fill-opacity:.25}
+rect.bar{cursor:pointer;stroke:#fff;stroke-width:.6} rect.bar:hover{stroke:#000;stroke-width:1.5}
+rect.bar.r2{stroke:#000;stroke-width:1} rect.bar.r3,rect.bar.r4,rect.bar.r5{stroke:#000;stroke-width:1;
+stroke-dasharray:2 1} rect.bar.failed{fill-opacity:.35;stroke:#d62728;stroke-width:1.5}
+rect.bar.aborted{fill-opacity:.25}
 .ds-line{fill:none;stroke:#444;stroke-width:1} .thr{stroke:#e6a700;stroke-dasharray:4 2}
 .cap{stroke:#d62728;stroke-dasharray:2 2}
 #tip{position:fixed;pointer-events:none;background:#fff;border:1px solid #999;padding:4px 6px;display:none;
