@@ -7,26 +7,53 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from testbed import topology as topo
+from testbed.config import credentials_path_for, write_config, write_credentials
 from testbed.faults import fail_each_vm_once
+from testbed.images import write_images
+from testbed.launcher import Vcsim
 from testbed.redis_server import free_port
 from vsphere_proxy.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+USER = "administrator@vsphere.local"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 COLOURS = {"san": "#1f77b4", "direct-nfs": "#17becf", "hotadd": "#2ca02c", "nbd": "#ff7f0e"}
+
+
+@dataclass
+class Bed:
+    """This module's own simulator (its jobs snapshot and hot-add, and one is stopped mid-way)."""
+
+    config: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    password = secrets.token_urlsafe(24)
+    topology = topo.load(topo.DEFAULT_TOPOLOGY)
+    work = tmp_path_factory.mktemp("browser")
+    with Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, password) as sim:
+        write_images(topo.disks(topology, sim.datastores))
+        credentials = write_credentials(USER, password, credentials_path_for(work / "c.yaml"))
+        config = write_config(topology, sim.url, credentials, work / "c.yaml", sim.datastores, work / "repository")
+        yield Bed(config, {**os.environ})
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +129,10 @@ def test_the_skewed_simulation_report(browser: Any, capsys: pytest.CaptureFixtur
     browser.save_screenshot(str(ARTIFACTS / "report-skewed-simulation.png"))
 
 
-def test_a_real_job_report_shows_its_stranded_then_recovered_vms(browser: Any, vcsim_env: Any, tmp_path: Path,
+def test_a_real_job_report_shows_its_stranded_then_recovered_vms(browser: Any, bed: Bed, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    data = yaml.safe_load(vcsim_env.config_path.read_text())
+    data = yaml.safe_load(bed.config.read_text())
     data["repository"] = {"path": str(tmp_path / "repository")}
     data["job"]["policy"] = {"incremental": False}
     config = tmp_path / "job.yaml"
@@ -126,15 +153,15 @@ def test_a_real_job_report_shows_its_stranded_then_recovered_vms(browser: Any, v
     browser.save_screenshot(str(ARTIFACTS / "report-testbed-job.png"))
 
 
-def test_the_dashboard_shows_a_running_job_move(browser: Any, vcsim_env: Any, tmp_path: Path) -> None:
-    data = yaml.safe_load(vcsim_env.config_path.read_text())
+def test_the_dashboard_shows_a_running_job_move(browser: Any, bed: Bed, tmp_path: Path) -> None:
+    data = yaml.safe_load(bed.config.read_text())
     data["repository"] = {"path": str(tmp_path / "repository")}
     data["job"]["policy"] = {"incremental": False, "max_streams": 2}
     for p in data["proxies"]:
         p["stream_mb_s"] = 4  # the job lasts a while
     config = tmp_path / "slow.yaml"
     config.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "VSPHERE_USERNAME": vcsim_env.username, "VSPHERE_PASSWORD": vcsim_env.password}
+    env = bed.env
     job = subprocess.Popen([sys.executable, "-m", "vsphere_proxy", "backup", "--config", str(config), "--json"],
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = free_port()
