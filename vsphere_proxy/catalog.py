@@ -236,11 +236,12 @@ class Catalog:
             yield s
 
     def start_job(self, job_id: str, name: str, *, engine: str, policy: dict[str, Any],
-                  coordinator: str | None, controllers: Sequence[str] = ()) -> None:
+                  coordinator: str | None, controllers: Sequence[str] = (),
+                  summary: dict[str, Any] | None = None) -> None:
         at = now()
         with self._tx() as s:
             s.add(JobRow(id=job_id, name=name, status="running", engine=engine, policy=policy, started=at,
-                         ended=None, rounds=0, summary={}))
+                         ended=None, rounds=0, summary=dict(summary or {})))
             s.flush()
             if coordinator is not None:
                 s.add(RoleRow(job_id=job_id, proxy=coordinator, role="coordinator", granted=at, rescinded=None))

@@ -48,13 +48,15 @@ def read_state(catalog: Catalog, ledger: RedisLedger | None = None, limits: dict
                *, jobs: int = JOBS_SHOWN) -> dict[str, Any]:
     """Jobs (newest first), progress of the running ones, their running VMs laid out per proxy, and active
     streams per proxy and per datastore (from the ledger when given, else the running VMs of the catalog)."""
-    limits = limits or {}
+    limits = dict(limits or {})
     shown: list[dict[str, Any]] = []
     progress: dict[str, dict[str, int]] = {}
     running: list[dict[str, Any]] = []
     for job in catalog.jobs(jobs):
         counts: dict[str, int] = dict((job.summary or {}).get("counts", {}))
         if job.status == "running":
+            for proxy, n in ((job.summary or {}).get("stream_limits") or {}).items():
+                limits.setdefault(proxy, int(n))  # the running job's coordinator knows every proxy's limit
             states = catalog.states(job.id)
             where = Counter(s.status for s in states.values())
             counts = dict(sorted(where.items()))

@@ -19,6 +19,7 @@ from typing import Any
 from vsphere_proxy.coordinator import STRATEGIES, Assignment, Coordinator, Decision, Job, VmStatus
 from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.scenario import Scenario
+from vsphere_proxy.timeline import Bar as Segment  # one stream over [start, end): what a report draws
 
 EPS = 1e-9
 
@@ -74,22 +75,6 @@ def lower_bound(scenario: Scenario) -> LowerBound:
     return LowerBound(total / bandwidth if bandwidth else float("inf"),
                       by_ds[busiest] / scenario.datastore_caps[busiest] if busiest else 0.0, busiest,
                       largest, largest_name)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One stream reading one disk over [start, end): the timeline a report can draw."""
-
-    vm: str
-    disk: int
-    proxy: str
-    mode: str
-    datastore: str
-    round: int
-    attempt: int
-    start: float
-    end: float
-    outcome: str  # read | failed | aborted
 
 
 @dataclass(frozen=True)

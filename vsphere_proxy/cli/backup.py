@@ -78,7 +78,8 @@ def open_repository(config: Config, *, create: bool = False) -> Repository:
 
 
 def open_catalog(config: Config) -> Catalog:
-    assert config.repository is not None
+    if config.repository is None:
+        raise CommandError("repository: not configured; the catalog lives beside it", EXIT_BAD_INPUT)
     try:
         return Catalog.open(config.repository.catalog_target())
     except CatalogError as e:
@@ -200,8 +201,10 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
 
     coordinator_role = "embedded" if engine == "embedded" else f"coordinator@{socket.gethostname()}"
     if earlier is None:
+        limits = {p.name: setup.job.policy.formula(p) for p in setup.proxies}  # for a dashboard of the running job
         catalog.start_job(job_id, config.job.name, engine=engine, policy=policy.model_dump(mode="json"),
-                          coordinator=coordinator_role, controllers=[p.name for p in setup.proxies])
+                          coordinator=coordinator_role, controllers=[p.name for p in setup.proxies],
+                          summary={"stream_limits": limits})
     else:
         catalog.reopen_job(job_id, coordinator_role)
         catalog.set_states(job_id, earlier.done_states())

@@ -34,8 +34,6 @@ def build_parser(sub: Any) -> None:
 
 def do_jobs(args: argparse.Namespace) -> int:
     config = read_config(args.config)
-    if config.repository is None:
-        raise CommandError("repository: not configured; the catalog lives beside it", EXIT_BAD_INPUT)
     catalog = open_catalog(config)
     try:
         if args.job:
