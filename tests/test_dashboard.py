@@ -294,7 +294,33 @@ def test_a_non_loopback_address_without_a_token_is_refused(tmp_path: Path) -> No
     r = serve("--listen", "0.0.0.0:0", "--config", str(config(tmp_path)))
     assert r.returncode == 2
     assert one_line(r) == ("vsphere-proxy: error: --listen: 0.0.0.0 is not loopback; set "
-                           f"{TOKEN_ENV} (a token clients must send)")
+                           f"{TOKEN_ENV} (a token clients must send) or dashboard.token_file")
+
+
+def test_a_token_file_open_to_others_is_refused_and_a_private_one_guards_every_address(tmp_path: Path) -> None:
+    token_file, token = tmp_path / "dashboard.token", secrets.token_urlsafe(16)
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o644)
+    port = free_port()
+    data = yaml.safe_load(config(tmp_path).read_text())
+    data["dashboard"] = {"listen": f"0.0.0.0:{port}", "token_file": str(token_file)}
+    path = tmp_path / "dash.yaml"
+    path.write_text(yaml.safe_dump(data))
+    r = serve("--config", str(path))
+    assert r.returncode == 2 and "dashboard.token_file" in one_line(r) and "chmod 600" in one_line(r)
+    token_file.chmod(0o600)
+    proc = subprocess.Popen([sys.executable, "-m", "vsphere_proxy", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_for(f"{base}/api/state", proc).status_code == 401
+        assert httpx.get(f"{base}/api/state", headers={"Authorization": f"Bearer {token}x"}, timeout=5).status_code \
+            == 401
+        assert httpx.get(f"{base}/api/state", headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code \
+            == 200
+    finally:
+        out, err = stop(proc)
+    assert token not in out + err
 
 
 @pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:99999", "127.0.0.1:", "::1:8080", "[nope]:80"])

@@ -280,12 +280,38 @@ class DistributedConfig(_Strict):
         return parts._replace(netloc=netloc).geturl()
 
 
+class DashboardConfig(_Strict):
+    """`vsphere-proxy serve`: where it listens and where the token clients must send comes from (a file readable by
+    its owner only, else an environment variable; never the configuration itself). Loopback needs no token."""
+
+    listen: str = "127.0.0.1:8080"
+    token_env: str = "VSPHERE_PROXY_DASHBOARD_TOKEN"
+    token_file: Path | None = None
+
+    def token(self, env: Mapping[str, str] | None = None) -> str | None:
+        if self.token_file is not None:
+            where = f"dashboard.token_file: {self.token_file}"
+            try:
+                mode = self.token_file.stat().st_mode
+                text = self.token_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(f"{where}: readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+            if not text:
+                raise ConfigError(f"{where}: empty")
+            return text
+        env = os.environ if env is None else env
+        return env.get(self.token_env) or None
+
+
 class Config(_Strict):
     vcenter: VCenterConfig
     proxies: Annotated[list[ProxyConfig], Field(min_length=1)]
     job: JobConfig
     repository: RepositoryConfig | None = None  # needed by backup, restore and verify
     distributed: DistributedConfig | None = None  # needed by `worker` and `backup --engine celery`
+    dashboard: DashboardConfig = DashboardConfig()  # `serve`
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -1,8 +1,9 @@
 """`vsphere-proxy serve`: the read-only dashboard (jobs, progress, live lanes per proxy, streams per proxy and
 datastore) and Prometheus metrics at /metrics, over the catalog and, with `distributed:`, the Redis ledger.
 
-It listens on loopback by default. Any other address needs a token, taken from an environment variable (never
-from the command line or the configuration), that every client must send."""
+It listens on loopback by default. Any other address needs a token that every client must send; the
+configuration's `dashboard` section says where it comes from (a file readable by its owner only, or an environment
+variable), never the command line or the configuration itself."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     read_config,
 )
-from vsphere_proxy.config import Config
+from vsphere_proxy.config import Config, ConfigError
 from vsphere_proxy.model import Proxy, ProxyKind
 
 HELP = "serve a read-only dashboard of jobs and streams, and Prometheus metrics at /metrics"
@@ -31,11 +32,13 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help=HELP, description=HELP)
     add_config_argument(p)
-    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address to listen on (default {DEFAULT_LISTEN}; any non-loopback host needs a token)")
-    p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV, metavar="NAME",
-                   help=f"environment variable holding the token clients must send as `Authorization: Bearer` or "
-                        f"?token= (default {DEFAULT_TOKEN_ENV}; used whenever set)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help=f"address to listen on (default: the config's dashboard.listen, else {DEFAULT_LISTEN}; "
+                        "any non-loopback host needs a token)")
+    p.add_argument("--token-env", metavar="NAME",
+                   help="environment variable holding the token clients must send as `Authorization: Bearer` or "
+                        f"?token= (default: the config's dashboard.token_env, else {DEFAULT_TOKEN_ENV}; "
+                        "dashboard.token_file, when set, comes first)")
     p.set_defaults(func=do_serve)
 
 
@@ -83,15 +86,21 @@ def do_serve(args: argparse.Namespace) -> int:
     from vsphere_proxy.catalog import CatalogError
     from vsphere_proxy.dashboard import make_app
 
-    host, port = parse_listen(args.listen)
-    token = os.environ.get(args.token_env) or None
-    if host not in LOOPBACK and token is None:
-        raise CommandError(f"--listen: {host} is not loopback; set {args.token_env} (a token clients must send)",
-                           EXIT_BAD_INPUT)
     config = read_config(args.config)
+    dash = config.dashboard
+    listen = args.listen or dash.listen
+    token_env = args.token_env or dash.token_env
+    host, port = parse_listen(listen)
+    try:
+        token = (dash.token() if args.token_env is None else os.environ.get(token_env)) or None
+    except ConfigError as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+    if host not in LOOPBACK and token is None:
+        raise CommandError(f"--listen: {host} is not loopback; set {token_env} (a token clients must send)"
+                           " or dashboard.token_file", EXIT_BAD_INPUT)
     if config.repository is None:
         raise CommandError("repository: not configured; the catalog lives beside it", EXIT_BAD_INPUT)
-    check_bindable(host, port, args.listen)
+    check_bindable(host, port, listen)
     client = ledger = None
     if config.distributed is not None:
         from vsphere_proxy.cli.fleet import redis_client
@@ -105,7 +114,7 @@ def do_serve(args: argparse.Namespace) -> int:
             raise CommandError(f"repository.catalog: {e}", EXIT_BAD_INPUT) from None
         shown = f"[{host}]" if ":" in host else host
         print(f"vsphere-proxy: dashboard on http://{shown}:{port}/ (metrics at /metrics"
-              + (f"; clients must send the token in ${args.token_env})" if token else ")"), flush=True)
+              + ("; clients must send its token)" if token else ")"), flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
     finally:
         if client is not None:
