@@ -70,7 +70,8 @@ def _hms(seconds: float) -> str:
 
 def _tick_step(span: float) -> float:
     raw = span / 10 if span > 0 else 1.0
-    for step in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400):
+    for step in (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200,
+                 86400):
         if step >= raw:
             return float(step)
     return 86400.0 * math.ceil(raw / 86400)
@@ -156,7 +157,8 @@ def render(t: Timeline) -> str:
     while k * step <= span + 1e-9:
         tx = x(k * step)
         ticks.append(f'<line x1="{tx:.1f}" y1="16" x2="{tx:.1f}" y2="{y:.1f}" stroke="#0001"/>'
-                     f'<text class="axis" x="{tx:.1f}" y="12" text-anchor="middle">{_hms(k * step)}</text>')
+                     f'<text class="axis" x="{tx:.1f}" y="12" text-anchor="middle">'
+                     f'{_hms(k * step) if step >= 1 else f"{k * step:.1f} s"}</text>')
         k += 1
     timeline = (f'<svg id="timeline" width="{LABEL_W + PLOT_W + 20}" height="{y + 4:.0f}" '
                 f'xmlns="http://www.w3.org/2000/svg">{"".join(ticks)}{"".join(parts)}</svg>')
@@ -192,7 +194,7 @@ def render(t: Timeline) -> str:
                       round(b.end, 3), b.outcome, b.bytes] for b in t.bars],
             "notes": [[n.round, n.verdict, n.vm, n.proxy, n.reason] for n in t.notes],
             "byvm": t.notes_by_vm()}
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")  # no tag can start in the data
     return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{_e(t.title)}</title>",
         f"<style>{CSS}</style></head><body>", f"<h1>{_e(t.title)}</h1>", _summary(t), "<h2>Streams by proxy</h2>",
