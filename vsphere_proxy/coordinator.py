@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, Protocol
 
 from vsphere_proxy.ledger import Ledger, Stream
@@ -111,9 +112,10 @@ class Job:
     proxies: tuple[Proxy, ...]
     policy: Policy = field(default_factory=Policy)
 
-    @property
+    @cached_property
     def limit(self) -> int:
-        """The job limit: the policy's max_streams, by default 2 x the distinct datastores of the job."""
+        """The job limit: the policy's max_streams, by default 2 x the distinct datastores of the job (computed
+        once: the scheduler asks on every pass)."""
         if self.policy.max_streams is not None:
             return self.policy.max_streams
         return max(1, 2 * len({ds for vm in self.vms for ds in vm.datastores}))
