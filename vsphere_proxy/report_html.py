@@ -13,9 +13,11 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
-from vsphere_proxy.timeline import MODES, Timeline, datastore_load, peak, slots
+from vsphere_proxy.timeline import MODES, Timeline, datastore_load, slots
 from vsphere_proxy.units import human_size
 
 COLOURS = {"san": "#1f77b4", "direct-nfs": "#17becf", "hotadd": "#2ca02c", "nbd": "#ff7f0e"}
@@ -135,7 +137,7 @@ def render(t: Timeline) -> str:
     parts: list[str] = []
     y = 24
     for lane in t.lanes:
-        n = max(1, peak((t.bars[i].start, t.bars[i].end) for i in by_lane[lane.proxy]))
+        n = 1 + max((rows[i] for i in by_lane[lane.proxy]), default=0)  # slots use as many rows as the lane's peak
         row_h = min(float(ROW_H), LANE_MAX_H / n)
         height = n * row_h
         parts.append(f'<g class="lane" data-proxy="{_e(lane.proxy)}" data-limit="{lane.limit}" '
@@ -208,9 +210,6 @@ def render(t: Timeline) -> str:
 
 def write(t: Timeline, path: Any) -> int:
     """Write the page atomically (temporary file, then rename); its size in bytes."""
-    import os
-    from pathlib import Path
-
     out = Path(path)
     text = render(t).encode("utf-8")
     tmp = out.with_name(f".{out.name}.tmp")

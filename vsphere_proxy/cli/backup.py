@@ -177,7 +177,7 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
     catalog = open_catalog(config)
     try:
         if resume:
-            Earlier.load(catalog, resume, config, engine)  # bad input fails before anything waits
+            Earlier.check(catalog, resume, config, engine)  # bad input fails before anything waits
         job_id = resume or new_job_id(config.job.name)
         setup = build_job(config, found.inventory, job_id)
         fleet = Fleet.open(config, job_id) if engine == "celery" else None

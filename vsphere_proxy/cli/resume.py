@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vsphere_proxy.catalog import Catalog, VmState
+from vsphere_proxy.catalog import Catalog, JobRow, VmState
 from vsphere_proxy.cli.common import EXIT_BAD_INPUT, CommandError
 from vsphere_proxy.cli.plan import JobSetup
 from vsphere_proxy.config import Config
@@ -47,8 +47,9 @@ class Earlier:
     rounds: frozenset[int]
     vms: frozenset[str]  # the job's VMs as its first coordinator selected them (empty: unknown)
 
-    @classmethod
-    def load(cls, catalog: Catalog, job_id: str, config: Config, engine: str) -> Earlier:
+    @staticmethod
+    def check(catalog: Catalog, job_id: str, config: Config, engine: str) -> JobRow:
+        """The job, if this configuration and engine may take it over; a one-line CommandError otherwise."""
         job = catalog.job(job_id)
         if job is None:
             raise CommandError(f"--resume: job {job_id!r} is not in the catalog", EXIT_BAD_INPUT)
@@ -61,6 +62,11 @@ class Earlier:
         if job.engine != engine:
             raise CommandError(f"--engine: job {job_id} runs on the {job.engine} engine (got {engine!r})",
                                EXIT_BAD_INPUT)
+        return job
+
+    @classmethod
+    def load(cls, catalog: Catalog, job_id: str, config: Config, engine: str) -> Earlier:
+        job = cls.check(catalog, job_id, config, engine)
         states = catalog.states(job_id)
         attempts: Counter[str] = Counter()
         done: dict[str, VmOutcome] = {}

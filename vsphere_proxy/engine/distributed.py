@@ -164,12 +164,8 @@ class CeleryEngine:
             got = self.bus.blpop([key], timeout=self.tick)
             if got is not None:
                 handle(json.loads(got[1]))
-                continue_draining = True
-                while continue_draining and not coordinator.done:
-                    raw = self.bus.lpop(key)
-                    continue_draining = raw is not None
-                    if raw is not None:
-                        handle(json.loads(raw))
+                while not coordinator.done and (raw := self.bus.lpop(key)) is not None:  # what else came meanwhile
+                    handle(json.loads(raw))
             if time.monotonic() - last_watch >= self.watch_every:
                 last_watch = time.monotonic()
                 watch()

@@ -183,7 +183,7 @@ class StreamRunner:
             if at.error or at.session is None:
                 raise _Aborted
             source, sink = at.session.source(a.disk), at.session.sink(a.disk)
-            rate, paced_from, moved = self.throttle.get(a.proxy), time.monotonic(), 0
+            rate, paced_from = self.throttle.get(a.proxy), time.monotonic()
             with at.session.transport() as transport:
                 transport.open(source)
                 for offset, block in read_blocks(transport, source.capacity, offsets=sink.offsets()):
@@ -197,8 +197,7 @@ class StreamRunner:
                     if self.on_progress is not None:
                         self.on_progress(a, offset + len(block))
                     if rate:
-                        moved += len(block)
-                        ahead = moved / rate - (time.monotonic() - paced_from)
+                        ahead = moved_total / rate - (time.monotonic() - paced_from)
                         if ahead > 0:
                             self.sleep(ahead)
             ok = True
