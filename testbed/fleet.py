@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import signal
 import subprocess
 import sys
@@ -19,14 +18,11 @@ from typing import Any
 
 import yaml
 
-from testbed import topology as topo
-from testbed.config import credentials_path_for, write_config, write_credentials
-from testbed.images import write_images
+from testbed.bed import own_testbed
 from testbed.launcher import Vcsim
 from testbed.postgres_server import PostgresServer, postgres_bindir
 from testbed.redis_server import RedisServer
 
-USER = "administrator@vsphere.local"
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_PROXIES = ("proxy-prod", "proxy-dev", "phys-01")  # phys-02's agent is inactive in the default topology
 
@@ -105,15 +101,11 @@ def fleet(work: Path, *, policy: dict[str, Any] | None = None, stream_mb_s: floa
           distributed: dict[str, Any] | None = None, disk_scale: float = 1.0,
           workers: tuple[str, ...] = WORKER_PROXIES) -> Iterator[FleetBed]:
     """Everything up, the workers started; everything stopped by PID at the end."""
-    password = secrets.token_urlsafe(24)
-    topology = topo.load(topo.DEFAULT_TOPOLOGY)
     with contextlib.ExitStack() as stack:
-        sim = stack.enter_context(Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, password, disk_scale=disk_scale))
+        own = stack.enter_context(own_testbed(work, disk_scale=disk_scale))
         rs = stack.enter_context(RedisServer.start())
         pg = stack.enter_context(PostgresServer.start()) if postgres_bindir() else None
-        images = write_images(topo.disks(topology, sim.datastores, disk_scale))
-        credentials = write_credentials(USER, password, credentials_path_for(work / "c.yaml"))
-        config = write_config(topology, sim.url, credentials, work / "c.yaml", sim.datastores, work / "repository")
+        config = own.config
         data = yaml.safe_load(config.read_text())
         catalog_url = pg.database_url() if pg else f"sqlite:///{work / 'catalog.sqlite'}"
         data["repository"]["catalog"] = catalog_url
@@ -123,7 +115,7 @@ def fleet(work: Path, *, policy: dict[str, Any] | None = None, stream_mb_s: floa
             for p in data["proxies"]:
                 p["stream_mb_s"] = stream_mb_s
         config.write_text(yaml.safe_dump(data))
-        bed = FleetBed(sim, rs, pg, work, config, catalog_url, topology, images, password)
+        bed = FleetBed(own.sim, rs, pg, work, config, catalog_url, own.topology, own.images, own.password)
         stack.callback(bed.stop_workers)
         for proxy in workers:
             bed.start_worker(proxy)

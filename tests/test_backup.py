@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -28,9 +27,9 @@ from adapters.session import Session, connect
 from adapters.snapshots import list_snapshots
 from adapters.tasks import wait_for_task
 from testbed import topology as topo
-from testbed.config import credentials_path_for, write_config, write_credentials
+from testbed.bed import USER, own_testbed
 from testbed.faults import fail_each_vm_once
-from testbed.images import sha256_file, write_images
+from testbed.images import sha256_file
 from testbed.launcher import Vcsim
 from testbed.writes import rewrite
 from vsphere_proxy.catalog import Catalog
@@ -44,7 +43,6 @@ pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # reports and screenshots a person can look at
 ARTIFACTS.mkdir(exist_ok=True)
 
-USER = "administrator@vsphere.local"
 PROXY_VMS = ("proxy-prod", "proxy-dev")
 
 
@@ -93,18 +91,12 @@ def backup(config: Path) -> tuple[int, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    password = secrets.token_urlsafe(24)
-    topology = topo.load(topo.DEFAULT_TOPOLOGY)
-    work = tmp_path_factory.mktemp("backup")
-    with Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, password) as sim:
-        images = write_images(topo.disks(topology, sim.datastores))
-        credentials = write_credentials(USER, password, credentials_path_for(work / "c.yaml"))
-        config = write_config(topology, sim.url, credentials, work / "c.yaml", sim.datastores, work / "repository")
-        with connect(sim.url, USER, password, insecure=True) as session:
-            moref = {v.name: v.moref for v in discover(session).vms}
-            _make_template_and_empty_vm(session, moref)
-            moref = {v.name: v.moref for v in discover(session).vms}
-            yield Bed(sim, session, config, work, topology, images, moref)
+    with own_testbed(tmp_path_factory.mktemp("backup")) as own, \
+            connect(own.sim.url, USER, own.password, insecure=True) as session:
+        moref = {v.name: v.moref for v in discover(session).vms}
+        _make_template_and_empty_vm(session, moref)
+        moref = {v.name: v.moref for v in discover(session).vms}
+        yield Bed(own.sim, session, own.config, own.work, own.topology, own.images, moref)
 
 
 def _make_template_and_empty_vm(session: Session, moref: dict[str, str]) -> None:

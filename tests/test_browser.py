@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -21,16 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from testbed import topology as topo
-from testbed.config import credentials_path_for, write_config, write_credentials
+from testbed.bed import own_testbed
 from testbed.faults import fail_each_vm_once
-from testbed.images import write_images
-from testbed.launcher import Vcsim
 from testbed.redis_server import free_port
 from vsphere_proxy.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-USER = "administrator@vsphere.local"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 COLOURS = {"san": "#1f77b4", "direct-nfs": "#17becf", "hotadd": "#2ca02c", "nbd": "#ff7f0e"}
@@ -46,14 +41,8 @@ class Bed:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    password = secrets.token_urlsafe(24)
-    topology = topo.load(topo.DEFAULT_TOPOLOGY)
-    work = tmp_path_factory.mktemp("browser")
-    with Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, password) as sim:
-        write_images(topo.disks(topology, sim.datastores))
-        credentials = write_credentials(USER, password, credentials_path_for(work / "c.yaml"))
-        config = write_config(topology, sim.url, credentials, work / "c.yaml", sim.datastores, work / "repository")
-        yield Bed(config, {**os.environ})
+    with own_testbed(tmp_path_factory.mktemp("browser")) as own:
+        yield Bed(own.config, {**os.environ})
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from adapters.discovery import discover
 from adapters.hotadd import left_behind_disks
 from adapters.session import Session, connect
 from adapters.snapshots import list_snapshots
-from testbed.fleet import USER, WORKER_PROXIES, FleetBed, finished
+from testbed.bed import USER
+from testbed.fleet import WORKER_PROXIES, FleetBed, finished
 from testbed.fleet import fleet as fleet_of
 from testbed.images import sha256_file
 from testbed.postgres_server import postgres_bindir
