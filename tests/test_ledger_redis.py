@@ -79,7 +79,7 @@ def test_a_lease_not_renewed_expires_and_gives_its_stream_back(server: RedisServ
     ledger.acquire(Stream("alive/0", "j", "alive", ("ds",)), proxy_limit=1)
     for _ in range(4):
         time.sleep(0.2)
-        assert ledger.renew("alive") == 1
+        assert ledger.renew_streams(["alive/0"]) == {"alive/0"}
     assert ledger.proxy_active("dead") == 0 and ledger.datastore_active("ds") == 1
     assert [s.id for s in ledger.streams()] == ["alive/0"]
     assert ledger.acquire(Stream("dead/1", "j", "dead", ("ds",)), proxy_limit=1)

@@ -2,9 +2,9 @@
 
 Same interface and guarantees as `InMemoryLedger`, across processes and hosts: each operation is one Lua script,
 so the check and the take of `acquire` are atomic in Redis. Every stream is a lease: it expires `ttl` seconds
-after it was taken or last renewed (`renew(proxy)`, the proxy worker's heartbeat), and every script first drops
-the expired ones — a dead worker's streams come back by themselves. Time is Redis's own clock (`TIME`), so hosts
-with skewed clocks agree.
+after it was taken or last renewed (`renew_streams`: the proxy worker's heartbeat, the coordinator), and every
+script first drops the expired ones — a dead worker's streams come back by themselves. Time is Redis's own clock
+(`TIME`), so hosts with skewed clocks agree.
 
 Keys, under `prefix`: `streams` (sorted set: stream id -> lease expiry, ms), `records` (hash: stream id -> JSON
 {job, proxy, datastores}), and one set of stream ids per proxy (`proxy:<name>`), datastore (`ds:<name>`) and job
@@ -92,13 +92,6 @@ redis.call('HSET', p .. 'records', id, out)
 return out
 """
 
-# ARGV: prefix, ttl_ms, proxy
-_RENEW = _PURGE + """
-local ids = redis.call('SMEMBERS', p .. 'proxy:' .. ARGV[3])
-for _, id in ipairs(ids) do redis.call('ZADD', p .. 'streams', 'XX', now + tonumber(ARGV[2]), id) end
-return #ids
-"""
-
 # ARGV: prefix, ttl_ms, stream ids...
 _RENEW_STREAMS = _PURGE + """
 local renewed = {}
@@ -138,7 +131,7 @@ def _stream(raw: Any) -> Stream:
 
 
 class RedisLedger:
-    """The `Ledger` interface on Redis, with leases of `ttl` seconds renewed by `renew(proxy)`."""
+    """The `Ledger` interface on Redis, with leases of `ttl` seconds renewed by `renew_streams`."""
 
     def __init__(self, client: redis.Redis, *, prefix: str = "vsphere-proxy:ledger:", ttl: float = 60.0) -> None:
         if ttl <= 0:
@@ -149,7 +142,6 @@ class RedisLedger:
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._narrow = client.register_script(_NARROW)
-        self._renew = client.register_script(_RENEW)
         self._renew_streams = client.register_script(_RENEW_STREAMS)
         self._holds = client.register_script(_HOLDS)
         self._count = client.register_script(_COUNT)
@@ -174,10 +166,6 @@ class RedisLedger:
     def narrow(self, stream_id: str, datastores: Collection[str]) -> Stream | None:
         raw = self._narrow(args=[self.prefix, stream_id, *dict.fromkeys(datastores)])
         return _stream(raw) if raw else None
-
-    def renew(self, proxy: str) -> int:
-        """Extend the lease of every stream of `proxy` by the ttl (the worker's heartbeat); how many."""
-        return int(self._renew(args=[self.prefix, self.ttl_ms, proxy]))
 
     def renew_streams(self, stream_ids: Collection[str]) -> set[str]:
         """Extend the leases of these streams (those still held) by the ttl; the ones renewed (the others are
