@@ -13,7 +13,16 @@ vSphere I/O. Typical use::
 """
 
 from .check import ChunkProblem, DiskRef, PruneResult, VerifyReport
-from .format import BLOCK_SIZE, DiskRecord, DiskStats, Manifest, RepositoryError, VmIdentity
+from .format import (
+    BLOCK_SIZE,
+    DiskRecord,
+    DiskStats,
+    Manifest,
+    RepositoryError,
+    RepositoryFull,
+    RepositoryLocked,
+    VmIdentity,
+)
 from .repo import Repository, RestoreResult
 from .writer import DiskWriter, PointWriter
 
@@ -29,6 +38,8 @@ __all__ = [
     "PruneResult",
     "Repository",
     "RepositoryError",
+    "RepositoryFull",
+    "RepositoryLocked",
     "RestoreResult",
     "VerifyReport",
     "VmIdentity",

@@ -31,6 +31,14 @@ class RepositoryError(ValueError):
     """Anything wrong with a repository or a request to it; the message is one line."""
 
 
+class RepositoryLocked(RepositoryError):
+    """Another process holds a lock that conflicts with the one asked for (the message names the holder)."""
+
+
+class RepositoryFull(RepositoryError):
+    """The repository's file system has no room left: "repository full: N bytes free on /path"."""
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
