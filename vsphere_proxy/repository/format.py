@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from vsphere_proxy.model import VM
+from vsphere_proxy.faults import JobFault
 
 FORMAT_VERSION = 1
 BLOCK_SIZE = 4 * 1024 * 1024
@@ -35,8 +36,9 @@ class RepositoryLocked(RepositoryError):
     """Another process holds a lock that conflicts with the one asked for (the message names the holder)."""
 
 
-class RepositoryFull(RepositoryError):
-    """The repository's file system has no room left: "repository full: N bytes free on /path"."""
+class RepositoryFull(RepositoryError, JobFault):
+    """The repository's file system has no room left: "repository full: N bytes free on /path". It ends the job:
+    no other VM could be written either."""
 
 
 class _Record(BaseModel):
