@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from vsphere_proxy.model import VM
 from vsphere_proxy.faults import JobFault
+from vsphere_proxy.model import VM
 
 FORMAT_VERSION = 1
 BLOCK_SIZE = 4 * 1024 * 1024
