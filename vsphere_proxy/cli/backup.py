@@ -12,7 +12,6 @@ import argparse
 import secrets
 import socket
 import threading
-from collections.abc import Iterable
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
@@ -22,15 +21,17 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from vsphere_proxy.backup_report import BackupReport, build_report
-from vsphere_proxy.catalog import Catalog, CatalogError, StreamRecord, VmResult
+from vsphere_proxy.catalog import Catalog, StreamRecord
+from vsphere_proxy.cli.attempts import proxy_access, record_attempt, throttles
 from vsphere_proxy.cli.common import (
-    EXIT_BAD_INPUT,
     EXIT_FAILED,
     CommandError,
     Discovered,
     add_config_argument,
     console,
     emit_json,
+    open_catalog,
+    open_repository,
     read_config,
     vcenter,
 )
@@ -43,7 +44,6 @@ from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
 from vsphere_proxy.engine.streams import StreamResult
 from vsphere_proxy.ledger import InMemoryLedger
-from vsphere_proxy.model import VM, Proxy
 from vsphere_proxy.repository import Repository, RepositoryError
 from vsphere_proxy.units import human_size
 
@@ -64,26 +64,6 @@ def build_parser(sub: Any) -> None:
 
 def new_job_id(name: str) -> str:
     return f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
-
-
-def open_repository(config: Config, *, create: bool = False) -> Repository:
-    if config.repository is None:
-        raise CommandError("repository: not configured; add `repository: {path: /absolute/dir}`", EXIT_BAD_INPUT)
-    try:
-        if create:
-            return Repository.init(config.repository.path)
-        return Repository.open(config.repository.path)
-    except RepositoryError as e:
-        raise CommandError(f"repository.path: {e}", EXIT_BAD_INPUT) from None
-
-
-def open_catalog(config: Config) -> Catalog:
-    if config.repository is None:
-        raise CommandError("repository: not configured; the catalog lives beside it", EXIT_BAD_INPUT)
-    try:
-        return Catalog.open(config.repository.catalog_target())
-    except CatalogError as e:
-        raise CommandError(f"repository.catalog: {e}", EXIT_BAD_INPUT) from None
 
 
 class _Progress:
@@ -122,40 +102,6 @@ def _progress_display(enabled: bool) -> Progress | None:
         return None
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=console(), transient=False)
-
-
-def proxy_access(config: Config, proxies: Iterable[Proxy]) -> dict[str, Any]:
-    """How each proxy reaches disks (adapters.backup.ProxyAccess): its VM, its mounts, its hot-add devices."""
-    from adapters.backup import ProxyAccess
-    from adapters.hotadd_transport import DiskUuidDevices, GuestDevices, SimulatedGuestDevices
-
-    access = {}
-    configs = {pc.name: pc for pc in config.proxies}
-    for proxy in proxies:
-        pc = configs[proxy.name]
-        devices: GuestDevices | None = None
-        if proxy.vm_moref:
-            devices = SimulatedGuestDevices(pc.paths) if pc.hotadd_devices == "simulated" else DiskUuidDevices()
-        access[proxy.name] = ProxyAccess(proxy.name, proxy.vm_moref, dict(pc.paths), devices)
-    return access
-
-
-def attempt_result(end: AttemptEnd) -> VmResult:
-    """An attempt as the catalog keeps it."""
-    return VmResult(vm=end.vm, round=end.round, attempt=end.attempt, proxy=end.proxy, mode=end.mode,
-                    status="done" if end.ok else "stranded", bytes_read=end.bytes_read,
-                    bytes_written=end.bytes_written, seconds=end.seconds, error=end.error, point_id=end.point_id)
-
-
-def record_attempt(catalog: Catalog, job_id: str, end: AttemptEnd, vm: VM | None) -> None:
-    catalog.record(job_id, attempt_result(end))
-    if end.point_id and vm is not None:
-        catalog.add_point(job_id, end.point_id, end.vm, len(vm.backup_disks), vm.total_bytes)
-
-
-def throttles(config: Config) -> dict[str, float]:
-    """proxy -> the most bytes per second one of its streams may read (proxies[].stream_mb_s)."""
-    return {pc.name: pc.stream_mb_s * 1_000_000 for pc in config.proxies if pc.stream_mb_s}
 
 
 def keep_decisions(catalog: Catalog, job_id: str, coordinator: Coordinator) -> None:

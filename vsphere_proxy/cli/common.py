@@ -14,8 +14,10 @@ from typing import Any
 
 from rich.console import Console
 
+from vsphere_proxy.catalog import Catalog, CatalogError
 from vsphere_proxy.config import Config, ConfigError, load_config
 from vsphere_proxy.model import Inventory
+from vsphere_proxy.repository import Repository, RepositoryError
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -46,6 +48,26 @@ def read_config(arg: str | None) -> Config:
         return load_config(config_path(arg))
     except ConfigError as e:
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
+
+
+def open_repository(config: Config, *, create: bool = False) -> Repository:
+    if config.repository is None:
+        raise CommandError("repository: not configured; add `repository: {path: /absolute/dir}`", EXIT_BAD_INPUT)
+    try:
+        if create:
+            return Repository.init(config.repository.path)
+        return Repository.open(config.repository.path)
+    except RepositoryError as e:
+        raise CommandError(f"repository.path: {e}", EXIT_BAD_INPUT) from None
+
+
+def open_catalog(config: Config) -> Catalog:
+    if config.repository is None:
+        raise CommandError("repository: not configured; the catalog lives beside it", EXIT_BAD_INPUT)
+    try:
+        return Catalog.open(config.repository.catalog_target())
+    except CatalogError as e:
+        raise CommandError(f"repository.catalog: {e}", EXIT_BAD_INPUT) from None
 
 
 @dataclass

@@ -9,7 +9,6 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from vsphere_proxy.cli.backup import open_catalog
 from vsphere_proxy.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -17,6 +16,7 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     console,
     emit_json,
+    open_catalog,
     read_config,
 )
 

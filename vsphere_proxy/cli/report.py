@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vsphere_proxy.cli.backup import open_catalog
 from vsphere_proxy.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -15,6 +14,7 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     console,
     emit_json,
+    open_catalog,
     read_config,
 )
 from vsphere_proxy.report_html import write

@@ -9,7 +9,6 @@ from typing import Any
 
 from rich.markup import escape
 
-from vsphere_proxy.cli.backup import open_repository
 from vsphere_proxy.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -18,6 +17,7 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     console,
     emit_json,
+    open_repository,
     read_config,
 )
 from vsphere_proxy.repository import RepositoryError

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vsphere_proxy.cli.backup import open_repository
 from vsphere_proxy.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -14,6 +13,7 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     console,
     emit_json,
+    open_repository,
     read_config,
 )
 from vsphere_proxy.repository import RepositoryError

@@ -12,8 +12,17 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from vsphere_proxy.cli.backup import open_catalog, open_repository, proxy_access, record_attempt, throttles
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, add_config_argument, read_config, vcenter
+from vsphere_proxy.cli.attempts import proxy_access, record_attempt, throttles
+from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    CommandError,
+    add_config_argument,
+    open_catalog,
+    open_repository,
+    read_config,
+    vcenter,
+)
 from vsphere_proxy.cli.fleet import redis_client
 from vsphere_proxy.config import ConfigError
 from vsphere_proxy.engine.attempt import RepositoryPreparer
