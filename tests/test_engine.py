@@ -203,3 +203,89 @@ def test_a_stream_handed_out_as_its_attempt_ended_stops_at_once(tmp_path: Path) 
     t = time.monotonic()
     late = runner.run(assignment(0, 2, False))
     assert time.monotonic() - t < 5 and not late.disk_done and late.end is None and late.error
+
+
+def engine_for(tmp_path: Path, vms: list[WorkVM], prepare: Any, **kwargs: Any) -> tuple[EmbeddedEngine, Coordinator,
+                                                                                       Repository]:
+    repo = Repository.init(tmp_path / "repo")
+    proxies = (Proxy("p1", ProxyKind.PHYSICAL, 1, 300), Proxy("p2", ProxyKind.PHYSICAL, 1, 200))
+    table = TierTable.declared({vm.name: {"p1": Tier.SAN, "p2": Tier.NBD} for vm in vms})
+    coordinator = Coordinator(Job("job", tuple(vms), table, proxies, Policy(max_streams=4)), InMemoryLedger())
+    by_name = {vm.name: vm for vm in vms}
+
+    class Preparer:
+        def prepare(self, a: Assignment) -> LocalFilesSession:
+            prepare(a)
+            return LocalFilesSession(tmp_path, repo, a, by_name[a.vm], set(), None)
+
+    return EmbeddedEngine(Preparer(), tick=0.05, **kwargs), coordinator, repo
+
+
+def run_bounded(engine: EmbeddedEngine, coordinator: Coordinator, seconds: float = 30) -> Any:
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(engine.run(coordinator)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert out, "the job did not end"
+    return out[0]
+
+
+def test_a_fault_that_ends_the_job_fails_every_vm_left_with_its_reason(tmp_path: Path) -> None:
+    from vsphere_proxy.faults import Unresponsive
+
+    vms, _ = setup(tmp_path, {f"vm{i}": [(BLOCK, "ds1")] for i in range(6)})
+
+    def prepare(a: Assignment) -> None:
+        if a.vm == "vm2":
+            raise Unresponsive("vCenter did not answer in 4 s")
+
+    engine, coordinator, repo = engine_for(tmp_path, vms, prepare)
+    report = run_bounded(engine, coordinator)
+    assert report.status == "failed" and report.rounds == 1  # no second round after the fault
+    failed = [v for v in report.vms if v.status is VmStatus.FAILED]
+    assert failed and all("vCenter did not answer in 4 s" in v.error for v in failed)
+    assert {v.vm for v in report.vms if v.status is VmStatus.DONE} == {p.vm.name for p in repo.points()}
+
+
+def test_an_observer_that_raises_ends_the_job_instead_of_hanging_it(tmp_path: Path) -> None:
+    vms, _ = setup(tmp_path, {f"vm{i}": [(BLOCK, "ds1")] for i in range(4)})
+
+    def full_catalog(end: AttemptEnd) -> None:
+        raise OSError(28, "database or disk is full")
+
+    engine, coordinator, _ = engine_for(tmp_path, vms, lambda a: None, on_end=full_catalog)
+    report = run_bounded(engine, coordinator)
+    assert report.status == "failed" and engine.stopped is not None
+    assert "disk is full" in engine.stopped.reason
+    assert all(v.status in (VmStatus.DONE, VmStatus.FAILED) for v in report.vms)
+    assert any("disk is full" in v.error for v in report.vms if v.status is VmStatus.FAILED)
+
+
+def test_stop_ends_the_job_interrupted_and_finishes_the_running_attempts(tmp_path: Path) -> None:
+    vms, _ = setup(tmp_path, {f"vm{i}": [(4 * BLOCK, "ds1")] for i in range(4)})
+    started = threading.Event()
+    engine_box: list[EmbeddedEngine] = []
+
+    def prepare(a: Assignment) -> None:
+        started.set()
+
+    ends: list[AttemptEnd] = []
+    engine, coordinator, repo = engine_for(tmp_path, vms, prepare, on_end=ends.append,
+                                           throttle={"p1": 2 * BLOCK, "p2": 2 * BLOCK})
+    engine_box.append(engine)
+    threading.Thread(target=lambda: (started.wait(10), engine.stop("interrupted by SIGTERM")), daemon=True).start()
+    report = run_bounded(engine, coordinator)
+    assert report.status == "interrupted"
+    assert any(v.status is VmStatus.FAILED and v.error == "interrupted by SIGTERM" for v in report.vms)
+    assert ends and all(not e.ok for e in ends if "interrupted" in e.error)
+    assert not any(p.id for p in repo.points() if p.vm.name in {e.vm for e in ends if not e.ok})
+
+
+def test_the_watchdog_ends_a_job_whose_coordinator_stopped_moving(tmp_path: Path) -> None:
+    vms, _ = setup(tmp_path, {"a": [(BLOCK, "ds1")]})
+    engine, coordinator, _ = engine_for(tmp_path, vms, lambda a: None, stall_seconds=0.3)
+    coordinator.start = lambda: []  # type: ignore[method-assign]  # a coordinator that hands nothing out
+    coordinator._started = True
+    report = run_bounded(engine, coordinator)
+    assert report.status == "failed" and engine.stopped is not None
+    assert "made no progress" in engine.stopped.reason

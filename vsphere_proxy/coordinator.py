@@ -182,7 +182,7 @@ class VmOutcome:
 @dataclass(frozen=True)
 class JobReport:
     job: str
-    status: str  # running | complete | partial | failed
+    status: str  # running | complete | partial | failed | interrupted
     rounds: int
     limit: int
     threshold_raises: int
@@ -358,6 +358,7 @@ class Coordinator:
         self._recheck = False
         self._started = False
         self._finished = False
+        self._ended_as = ""  # the job's status when it was ended before its rounds (`abort`)
         self._waiting = ""
 
     # ---- the engine's API -------------------------------------------------------------------------------
@@ -445,6 +446,21 @@ class Coordinator:
             self.record("proxy-up", None, proxy, f"proxy {proxy} is back")
         return self.schedule()
 
+    def abort(self, reason: str, *, status: str = "failed") -> None:
+        """End the job now, whatever its rounds: every VM not backed up is failed with `reason` (its streams
+        released). `status` is the job's ("failed" after a fault, "interrupted" after a signal)."""
+        if self._finished:
+            return
+        for run in self._runs.values():
+            if run.status in (VmStatus.DONE, VmStatus.UNPROTECTED, VmStatus.FAILED):
+                continue
+            self._drop_streams(run)
+            run.error = reason
+            self._set(run, VmStatus.FAILED, reason)
+        self._finished = True
+        self._ended_as = status
+        self.record("job", None, None, f"job {status}: {reason}")
+
     @property
     def done(self) -> bool:
         return self._finished
@@ -478,6 +494,8 @@ class Coordinator:
         statuses = Counter(o.status for o in outcomes)
         if not self._finished:
             status = "running"
+        elif self._ended_as:
+            status = self._ended_as
         elif statuses[VmStatus.DONE] == len(outcomes):
             status = "complete"
         elif statuses[VmStatus.DONE]:

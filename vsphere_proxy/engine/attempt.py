@@ -201,6 +201,7 @@ class RepositorySession:
             if self._result is not None:
                 return self._result
         notes: list[str] = []
+        left: list[str] = []
         point_id, written = None, 0
         try:
             if ok:
@@ -214,7 +215,8 @@ class RepositorySession:
                 self.snapshot.release()
             except Exception as e:  # the point stands; the next job's sweep removes the snapshot
                 notes.append(f"snapshot {self.snapshot.name} not removed: {e}")
-        result = Finished(point_id, written, tuple(notes), self.stats(), self.read())
+                left.append(f"snapshot {self.snapshot.name} of {self.assignment.vm}: {e}")
+        result = Finished(point_id, written, tuple(notes), self.stats(), self.read(), tuple(left))
         with self._lock:
             self._result = result
         return result

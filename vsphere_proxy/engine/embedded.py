@@ -3,6 +3,18 @@ driven by the coordinator's events. Coordinator calls are serialized by one lock
 
 Streams run through a `StreamRunner` (the same code a Celery proxy worker runs). A stream without progress for
 `stall_seconds` fails its attempt; the VM is stranded even if the read never returns.
+
+The job always ends, and never by a hang (DESIGN §9). It ends early, every VM not backed up failed with the
+reason, when:
+- an attempt meets a fault that no other attempt could escape (`vsphere_proxy.faults.JobFault`: vCenter did not
+  answer, the repository is full);
+- anything raises in the engine, an observer or a recorder (a catalog write on a full disk): the error is the
+  reason, never lost in a pool thread;
+- the coordinator made no progress for `stall_seconds` while no stream ran (the watchdog);
+- `stop` is called (a signal): the job ends `interrupted`.
+Ending early stops scheduling, stops every stream at its next block (hot-added disks are detached as streams
+leave), waits at most `grace` seconds for them, then finishes every open attempt (points dropped, snapshots
+removed) and reports those ends.
 """
 
 from __future__ import annotations
@@ -12,21 +24,36 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
 from vsphere_proxy.engine.session import Preparer
 from vsphere_proxy.engine.streams import Attempt, AttemptEnd, StreamResult, StreamRunner
 
-__all__ = ["AttemptEnd", "EmbeddedEngine"]
+__all__ = ["AttemptEnd", "EmbeddedEngine", "Stop"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a job ends before its rounds do, and the status it ends with."""
+
+    reason: str
+    status: str = "failed"  # failed | interrupted
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an unexpected error: its type and first line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class EmbeddedEngine:
     name = "embedded"
 
     def __init__(self, preparer: Preparer, *, stall_seconds: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic, tick: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic, tick: float = 0.5, grace: float = 30.0,
                  on_end: Callable[[AttemptEnd], None] | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None,
                  on_start: Callable[[Assignment], None] | None = None,
@@ -36,64 +63,125 @@ class EmbeddedEngine:
         self.stall_seconds = stall_seconds
         self.clock = clock
         self.tick = tick
+        self.grace = grace  # how long an ending job waits for its streams to leave before finishing attempts
         self.on_end = on_end
         self.on_progress = on_progress  # (vm, disk, bytes) after every block
         self.on_start = on_start  # every assignment that opens an attempt, before it runs
         self.throttle = dict(throttle or {})  # proxy -> the most bytes per second one of its streams reads
         self.on_stream = on_stream  # every stream as it ends: when it ran, what it read (the window's bars)
+        self.stopped: Stop | None = None  # why the job ended early, once it did
+        self._stop: Stop | None = None
+        self._wake = threading.Event()
+
+    def stop(self, reason: str, status: str = "interrupted") -> None:
+        """End the running job as soon as possible (safe from a signal handler: it only records and wakes)."""
+        if self._stop is None:
+            self._stop = Stop(reason, status)
+        self._wake.set()
 
     def run(self, coordinator: Coordinator) -> JobReport:
         lock = threading.RLock()
-        finished = threading.Event()
         progress = self.on_progress
+        moved = [self.clock()]  # when the job last moved: an event, a block read
+
+        def on_block(a: Assignment, pos: int) -> None:
+            moved[0] = self.clock()
+            if progress is not None:
+                progress(a.vm, a.disk, pos)
+
         runner = StreamRunner(self.preparer, clock=self.clock, throttle=self.throttle, ready_timeout=self.stall_seconds,
-                              on_progress=(lambda a, pos: progress(a.vm, a.disk, pos)) if progress else None)
+                              on_progress=on_block)
         pools = {name: ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix=f"proxy-{name}")
                  for name, limit in coordinator.limits.items()}
+        errors: list[BaseException] = []  # raised where nobody waits for them: the job ends on the first
+
+        def fatal(exc: BaseException, where: str) -> None:
+            log.error("%s failed: %s", where, describe(exc), exc_info=exc)
+            errors.append(exc)
+            self._wake.set()
 
         def submit(assignments: Iterable[Assignment]) -> None:
             for a in assignments:
+                if self._stop is not None or errors or runner.fault is not None:
+                    return  # the job is ending: nothing new starts
                 if a.opens and self.on_start is not None:
                     self.on_start(a)
                 pools[a.proxy].submit(stream, a, runner.admit(a))
             if coordinator.done:
-                finished.set()
+                self._wake.set()
 
         def ended(end: AttemptEnd) -> None:
             with lock:
+                moved[0] = self.clock()
                 following = coordinator.on_complete(end.vm, end.ok, end.error, attempt=end.attempt)
                 if self.on_end is not None:  # after the coordinator took it in: the VM's new state is readable
-                    try:
-                        self.on_end(end)
-                    except Exception:  # a failing observer must not lose the VM's outcome for the coordinator
-                        log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)
+                    self.on_end(end)
                 submit(following)
 
         def stream(a: Assignment, at: Attempt) -> None:
-            result: StreamResult = runner.run(a, at)
-            if self.on_stream is not None:
-                try:
+            try:
+                result: StreamResult = runner.run(a, at)
+                if self.on_stream is not None:
                     self.on_stream(a, result)
-                except Exception:
-                    log.exception("recording stream %s failed", a.stream)
-            if result.disk_done:
-                with lock:
-                    submit(coordinator.on_disk_done(a.vm, a.disk, a.attempt))
-            if result.end is not None:
-                ended(result.end)
+                if result.disk_done:
+                    with lock:
+                        moved[0] = self.clock()
+                        submit(coordinator.on_disk_done(a.vm, a.disk, a.attempt))
+                if result.end is not None:
+                    ended(result.end)
+            except BaseException as e:
+                fatal(e, f"stream {a.stream}")
+
+        def why_stop() -> Stop | None:
+            if self._stop is not None:
+                return self._stop
+            if runner.fault is not None:
+                return Stop(str(runner.fault))
+            if errors:
+                return Stop(f"the job could not go on: {describe(errors[0])}")
+            idle = self.clock() - moved[0]
+            if not coordinator.done and not runner.busy() and idle > self.stall_seconds:
+                return Stop(f"the coordinator made no progress for {idle:.0f} s while no stream ran "
+                            f"(stall limit {self.stall_seconds:g} s)")
+            return None
 
         try:
-            with lock:
-                submit(coordinator.start())
-            while not finished.wait(self.tick):
+            try:
+                with lock:
+                    submit(coordinator.start())
+            except BaseException as e:
+                fatal(e, "starting the job")
+            while True:
+                self._wake.wait(self.tick)
+                self._wake.clear()
+                stop = why_stop()
+                if stop is not None:
+                    self._end_early(coordinator, runner, lock, stop)
+                    break
                 for at, why in runner.stalled(self.stall_seconds):
                     end = runner.end((at.job, at.vm, at.attempt), why)
                     if end is not None:
-                        ended(end)
+                        try:
+                            ended(end)
+                        except BaseException as e:
+                            fatal(e, f"ending {at.vm} attempt {at.attempt}")
                 with lock:
-                    if coordinator.done:
-                        finished.set()
+                    if coordinator.done and not runner.busy():
+                        break
         finally:
             for pool in pools.values():
                 pool.shutdown(wait=False, cancel_futures=True)
         return coordinator.report()
+
+    def _end_early(self, coordinator: Coordinator, runner: StreamRunner, lock: threading.RLock, stop: Stop) -> None:
+        """Stop scheduling, fail what is left with the reason, let the streams leave, finish their attempts."""
+        self.stopped = stop
+        log.warning("job %s ends %s: %s", coordinator.job.id, stop.status, stop.reason)
+        with lock:
+            coordinator.abort(stop.reason, status=stop.status)
+        for end in runner.end_all(stop.reason, self.grace):
+            if self.on_end is not None:
+                try:
+                    self.on_end(end)
+                except Exception:  # the job is already ending with a reason: keep finishing the others
+                    log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)

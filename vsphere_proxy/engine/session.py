@@ -27,6 +27,7 @@ class Finished:
     notes: tuple[str, ...] = ()
     stats: Mapping[str, int] = field(default_factory=dict)  # the repository's counts (new chunks, dedup, ...)
     read: str = ""  # how the disks were read: "full", "incremental (CBT)", "full: <why not incremental>"
+    left_behind: tuple[str, ...] = ()  # what cleanup could not remove ("snapshot NAME of VM: why")
 
 
 class VmSession(Protocol):

@@ -19,6 +19,7 @@ from typing import Any
 
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.session import Finished, Preparer, VmSession
+from vsphere_proxy.faults import JobFault
 from vsphere_proxy.transports import read_blocks
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,18 @@ class AttemptEnd:
     notes: tuple[str, ...]
     stats: Mapping[str, int] = field(default_factory=dict)
     read: str = ""
+    left_behind: tuple[str, ...] = ()  # what cleanup could not remove (a snapshot, an attached disk), with why
+    fault: str = ""  # set when the attempt ended on a fault that ends the whole job (`vsphere_proxy.faults`)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["notes"], data["stats"] = list(self.notes), dict(self.stats)
+        data["notes"], data["stats"], data["left_behind"] = list(self.notes), dict(self.stats), list(self.left_behind)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AttemptEnd:
-        return cls(**{**data, "notes": tuple(data.get("notes") or ()), "stats": dict(data.get("stats") or {})})
+        return cls(**{**data, "notes": tuple(data.get("notes") or ()), "stats": dict(data.get("stats") or {}),
+                      "left_behind": tuple(data.get("left_behind") or ())})
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Attempt:
     streams: set[str] = field(default_factory=set)  # every stream the attempt was given
     idle_since: float | None = None  # no stream in flight since then
     ended: bool = False
+    fault: str = ""  # the job-ending fault this attempt met, if any
 
 
 class StreamRunner:
@@ -136,6 +141,15 @@ class StreamRunner:
         self.lock = threading.RLock()
         self.attempts: dict[AttemptKey, Attempt] = {}
         self.closed: OrderedDict[AttemptKey, None] = OrderedDict()  # recently ended: late streams find them
+        self.fault: JobFault | None = None  # the first fault met that ends the whole job
+
+    def _met(self, at: Attempt, exc: BaseException) -> None:
+        """Keep a job-ending fault (the engine ends the job on it); other errors only fail the attempt."""
+        if isinstance(exc, JobFault):
+            at.fault = at.fault or str(exc)
+            with self.lock:
+                if self.fault is None:
+                    self.fault = exc
 
     def admit(self, a: Assignment) -> Attempt:
         """Count `a` as in flight (before it runs, so that queued streams are watched too)."""
@@ -169,6 +183,7 @@ class StreamRunner:
                     session = self.preparer.prepare(a)
                 except Exception as e:
                     own_failure = True
+                    self._met(at, e)
                     at.error = at.error or f"preparing {a.vm} on {a.proxy} failed: {e}"
                     raise _Aborted from None
                 with self.lock:
@@ -205,6 +220,7 @@ class StreamRunner:
             pass
         except Exception as e:
             own_failure = True
+            self._met(at, e)
             with self.lock:
                 at.error = at.error or f"{a.mode} read of {a.vm} disk {a.disk} on {a.proxy} failed: {e}"
         finally:
@@ -249,6 +265,7 @@ class StreamRunner:
             try:
                 result = at.session.finish(ok)
             except Exception as e:  # commit or cleanup failed: the attempt failed
+                self._met(at, e)
                 ok, at.error = False, at.error or f"finishing failed: {e}"
         with self.lock:
             key = (at.job, at.vm, at.attempt)
@@ -259,7 +276,7 @@ class StreamRunner:
                     self.closed.popitem(last=False)
         return AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error, at.bytes_read,
                           result.bytes_written, self.clock() - at.started, result.point_id if ok else None,
-                          result.notes, result.stats, result.read)
+                          result.notes, result.stats, result.read, result.left_behind, at.fault)
 
     def end(self, key: AttemptKey, error: str) -> AttemptEnd | None:
         """End a running attempt now as failed (its streams stop at their next block); None when it ended."""
@@ -270,6 +287,26 @@ class StreamRunner:
             at.error = at.error or error
             at.ended = True
         return self.close(at)
+
+    def end_all(self, error: str, grace: float, *, poll: float = 0.05) -> list[AttemptEnd]:
+        """End every open attempt as failed with `error`: its streams stop at their next block (a hot-added disk
+        is detached as its stream leaves); after they left, or after `grace` seconds, each attempt is finished
+        (restore point dropped, snapshot removed). Returns the ends of the attempts it ended."""
+        with self.lock:
+            ending = [at for at in self.attempts.values() if not at.ended]
+            for at in ending:
+                at.error = at.error or error
+                at.ended = True
+                at.ready.set()
+        deadline = self.clock() + grace
+        while any(at.inflight for at in ending) and self.clock() < deadline:
+            self.sleep(poll)
+        return [self.close(at) for at in ending]
+
+    def busy(self) -> bool:
+        """Whether any attempt is open (a stream queued, reading, or its attempt being finished)."""
+        with self.lock:
+            return bool(self.attempts)
 
     def stalled(self, stall_seconds: float) -> list[tuple[Attempt, str]]:
         """Attempts with a stream that made no progress for `stall_seconds`, with the reason."""
