@@ -84,9 +84,11 @@ def _read_credentials_file(path: Path) -> tuple[str, SecretStr]:
     where = f"vcenter.credentials.file: {path}"
     try:
         mode = path.stat().st_mode
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text())
     except OSError as e:
         raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{where}: not valid YAML: {e.problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"{where}: not valid YAML") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -373,6 +375,36 @@ def parse_config(data: Any, source: str = "config") -> Config:
     return validate(Config, data, source)
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping key written twice; `problem` names the key and the line of its first occurrence."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error, not "the last one wins"
+    (a second `repository:` would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<:` merges; keys written beside it override the merged ones, as YAML says
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the base constructor reports it
+                if first is not key_node:
+                    raise _DuplicateKey(
+                        None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml_mapping(path: Path, expected: str) -> dict[str, Any]:
     """Read a YAML (or JSON) file holding one mapping; every problem is a one-line ConfigError."""
     try:
@@ -380,7 +412,7 @@ def read_yaml_mapping(path: Path, expected: str) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

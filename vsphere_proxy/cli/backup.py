@@ -16,7 +16,6 @@ from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -30,9 +29,11 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     console,
     emit_json,
+    line,
     open_catalog,
     open_repository,
     read_config,
+    styled,
     vcenter,
 )
 from vsphere_proxy.cli.fleet import Fleet
@@ -253,28 +254,29 @@ def print_report(report: BackupReport) -> None:
                   title=f"Backup {report.job_id}")
     for v in report.vms:
         colour = {"done": "green", "failed": "red", "unprotected": "red", "skipped": "yellow"}.get(v.status, "")
-        table.add_row(v.vm, f"[{colour}]{v.status}[/]" if colour else v.status, v.proxy or "", v.mode or "",
+        table.add_row(v.vm, styled(v.status, colour), v.proxy or "", v.mode or "",
                       str(v.round or ""), human_size(v.bytes_read) if v.bytes_read else "",
                       human_size(v.bytes_written) if v.status == "done" else "",
                       _ratio(v.dedup_ratio, v.status),
-                      f"{v.seconds:.1f}" if v.seconds else "", escape(v.read if v.status == "done" else v.error))
+                      f"{v.seconds:.1f}" if v.seconds else "", v.read if v.status == "done" else v.error)
     out.print(table)
     for v in report.vms:
         if v.fell_back:
-            out.print(f"[yellow]{v.vm}[/]: {escape(v.fell_back)}", soft_wrap=True)
+            out.print(line(styled(v.vm, "yellow"), f": {v.fell_back}"), soft_wrap=True)
         if v.status in ("failed", "unprotected"):
-            out.print(f"[red]{v.vm}[/]: {escape(v.error)}", soft_wrap=True)
+            out.print(line(styled(v.vm, "red"), f": {v.error}"), soft_wrap=True)
         for note in v.notes:
-            out.print(f"{v.vm}: {escape(note)}", soft_wrap=True)
+            out.print(f"{v.vm}: {note}", soft_wrap=True)
     for what, items in (("removed left-behind snapshots", data["swept"]["snapshots"]),
                         ("detached left-behind disks", data["swept"]["attached_disks"]),
-                        ("[red]cleanup errors[/]", data["swept"]["errors"])):
+                        (styled("cleanup errors", "red"), data["swept"]["errors"])):
         if items:
-            out.print(f"{what}: {escape(', '.join(items))}", soft_wrap=True)
+            out.print(line(what, f": {', '.join(items)}"), soft_wrap=True)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items()))
     modes = ", ".join(f"{n} {m}" for m, n in data["modes"].items()) or "none"
-    out.print(f"[bold]{report.status}[/]: {counts}; by mode: {modes}; rounds {data['rounds']}; "
-              f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}", soft_wrap=True)
+    out.print(line(styled(report.status, "bold"), f": {counts}; by mode: {modes}; rounds {data['rounds']}; "
+                   f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}"),
+              soft_wrap=True)
 
 
 def do_backup(args: argparse.Namespace) -> int:

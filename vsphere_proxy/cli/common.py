@@ -1,4 +1,9 @@
-"""What every command shares: exit codes, configuration loading, the vCenter session and errors."""
+"""What every command shares: exit codes, configuration loading, the vCenter session, errors and output.
+
+Every string a command prints may come from vCenter, the configuration or the repository (a VM named
+`web [prod] 06` or `[bold]x[/bold]`), so the console never reads markup or emoji codes: text is printed as it is,
+and styles are given with `styled` (a `rich.text.Text`), never written inside strings.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from vsphere_proxy.catalog import Catalog, CatalogError
 from vsphere_proxy.config import Config, ConfigError, load_config
 from vsphere_proxy.model import Inventory
-from vsphere_proxy.repository import Repository, RepositoryError
+from vsphere_proxy.repository import Repository, RepositoryError, RepositoryLocked
 
+# The exit codes, as README.md's "Exit codes" table documents them for hooks.
 EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_PARTIAL = 3
-EXIT_FAILED = 4
+EXIT_BAD_INPUT = 2  # the config, an argument or a name given is wrong: nothing was done
+EXIT_PARTIAL = 3  # the job ended, some VMs are not backed up (each reported with its reason)
+EXIT_FAILED = 4  # the command failed (vCenter unreachable, the repository damaged, no VM backed up)
+EXIT_LOCKED = 5  # another process holds a conflicting repository lock: nothing was done; try again later
+EXIT_INTERRUPTED = 130  # SIGINT (128 + 2)
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE), e.g. `--json | head -1`
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
 
 DEFAULT_CONFIG = "vsphere-proxy.yaml"
 
@@ -33,6 +44,11 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+def repository_failure(e: RepositoryError) -> CommandError:
+    """A repository error as the command's failure: EXIT_LOCKED when another process holds the repository."""
+    return CommandError(str(e), EXIT_LOCKED if isinstance(e, RepositoryLocked) else EXIT_FAILED)
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +73,8 @@ def open_repository(config: Config, *, create: bool = False) -> Repository:
         if create:
             return Repository.init(config.repository.path)
         return Repository.open(config.repository.path)
+    except RepositoryLocked as e:
+        raise repository_failure(e) from None
     except RepositoryError as e:
         raise CommandError(f"repository.path: {e}", EXIT_BAD_INPUT) from None
 
@@ -112,9 +130,27 @@ def emit_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader of stdout went away: let `main` end quietly (rich itself would exit 1)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console() -> Console:
-    """Rich output; when not on a terminal (a pipe, a log file) lines may be long rather than truncated."""
-    out = Console(highlight=False)
+    """Rich output that prints every string literally (no markup, no emoji codes, no highlighting); when not on a
+    terminal (a pipe, a log file) lines may be long rather than truncated."""
+    out = _Console(markup=False, emoji=False, highlight=False)
     if not out.is_terminal and not os.environ.get("COLUMNS"):
         out.width = 160
     return out
+
+
+def styled(text: object, style: str = "") -> Text:
+    """`text` as it is, in `style` (e.g. "bold", "red"): how a command colours a word or a value."""
+    return Text(str(text), style=style)
+
+
+def line(*parts: str | Text) -> Text:
+    """One line from literal strings and `styled` pieces: `line(styled(name, "bold"), ": ", summary)`."""
+    return Text.assemble(*parts)

@@ -9,7 +9,16 @@ from typing import Any
 
 from rich.table import Table
 
-from vsphere_proxy.cli.common import EXIT_OK, add_config_argument, console, emit_json, read_config, vcenter
+from vsphere_proxy.cli.common import (
+    EXIT_OK,
+    add_config_argument,
+    console,
+    emit_json,
+    line,
+    read_config,
+    styled,
+    vcenter,
+)
 from vsphere_proxy.model import Inventory
 
 HELP = "read the inventory from vCenter: clusters, hosts (HBAs, LUNs, paths), datastores, VMs"
@@ -62,9 +71,9 @@ def do_discover(args: argparse.Namespace) -> int:
         return EXIT_OK
     out = console()
     s = summary(inv)
-    out.print(f"[bold]{inv.datacenter}[/]: {s['clusters']} clusters, {s['hosts']} hosts, "
-              f"{len(inv.datastores)} datastores, {s['vms']} VMs, {s['disks']} disks "
-              f"({s['round_trips']} round trips)")
+    out.print(line(styled(inv.datacenter, "bold"), f": {s['clusters']} clusters, {s['hosts']} hosts, "
+                   f"{len(inv.datastores)} datastores, {s['vms']} VMs, {s['disks']} disks "
+                   f"({s['round_trips']} round trips)"))
     hosts = Table("host", "cluster", "HBAs", "LUNs (active paths/paths)", "datastores", title="Hosts")
     for h in inv.hosts:
         hbas = ", ".join(f"{b.device} {b.type} {b.identity}" for b in h.hbas if b.type != "Block")

@@ -6,7 +6,6 @@ import argparse
 from collections import Counter
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 
 from vsphere_proxy.cli.common import (
@@ -75,7 +74,7 @@ def do_jobs(args: argparse.Namespace) -> int:
         for r in data["attempts"]:
             table.add_row(r["vm"], str(r["round"]), str(r["attempt"]), r["proxy"] or "", r["mode"] or "",
                           r["status"], str(r["bytes_read"]), str(r["bytes_written"]), str(r["seconds"]),
-                          escape(r["error"] or r["point"] or ""))
+                          r["error"] or r["point"] or "")
     else:
         table = Table("job", "status", "rounds", "started (UTC)", "VMs", title="Backup jobs")
         for j in data:

@@ -18,7 +18,9 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     console,
     emit_json,
+    line,
     read_config,
+    styled,
     vcenter,
 )
 from vsphere_proxy.config import Config, ConfigError
@@ -129,8 +131,8 @@ def do_plan(args: argparse.Namespace) -> int:
     out = console()
     data = plan.to_json()
     active = [p for p in plan.proxies if p.alive and p.vsda_active]
-    out.print(f"[bold]{config.job.name}[/]: {len(plan.selected)} VMs selected, "
-              f"{len(active)}/{len(plan.proxies)} proxies usable, round {plan.round}")
+    out.print(line(styled(config.job.name, "bold"), f": {len(plan.selected)} VMs selected, "
+                   f"{len(active)}/{len(plan.proxies)} proxies usable, round {plan.round}"))
     table = Table("VM", "best", f"round {plan.round}", *(p.name for p in plan.proxies), title="Access tiers")
     for v in data["vms"]:
         if "skipped" in v:
@@ -139,7 +141,8 @@ def do_plan(args: argparse.Namespace) -> int:
         cells = [f"{c['tier']} {c['mode']}" if c["tier"] else "-" for c in (v["proxies"][p.name] for p in plan.proxies)]
         table.add_row(v["vm"], v["best_tier"] or "none", ", ".join(v["eligible"]) or "NONE", *cells)
     out.print(table)
-    out.print("[bold]Why[/]" + (" (every pair)" if args.explain else f" (proxies eligible in round {plan.round})"))
+    out.print(line(styled("Why", "bold"),
+                   " (every pair)" if args.explain else f" (proxies eligible in round {plan.round})"))
     for v in data["vms"]:
         if "skipped" in v:
             continue
@@ -149,18 +152,18 @@ def do_plan(args: argparse.Namespace) -> int:
     modes = Counter(c.mode or "no access" for c in plan.table.entries.values())
     out.print("pairs by mode: " + ", ".join(f"{n} {m}" for m, n in sorted(modes.items())))
     if data["unprotected"]:
-        out.print(f"[red]no eligible proxy for: {', '.join(data['unprotected'])}[/]")
-    out.print("[bold]Priority list[/] (round 1: fewest eligible proxies first, then largest): "
-              + ", ".join(f"{e['vm']} ({e['eligible']})" for e in data["priority_list"]), soft_wrap=True)
+        out.print(styled(f"no eligible proxy for: {', '.join(data['unprotected'])}", "red"), soft_wrap=True)
+    out.print(line(styled("Priority list", "bold"), " (round 1: fewest eligible proxies first, then largest): ",
+                   ", ".join(f"{e['vm']} ({e['eligible']})" for e in data["priority_list"])), soft_wrap=True)
     limits = ", ".join(f"{p} {n}" for p, n in data["stream_limits"].items())
-    out.print(f"[bold]First assignments[/] on idle proxies (job limit {data['job_limit']} streams; proxy limits: "
-              f"{limits})", soft_wrap=True)
+    out.print(line(styled("First assignments", "bold"), f" on idle proxies (job limit {data['job_limit']} streams; "
+                   f"proxy limits: {limits})"), soft_wrap=True)
     for a in data["first_assignments"]:
         extra = " (extra disk stream)" if a["extra"] else ""
         out.print(f"  {a['vm']} disk {a['disk']} -> {a['proxy']} ({a['mode']}){extra}"
                   + (f": {a['reason']}" if args.explain else ""), soft_wrap=True)
     if args.explain:
-        out.print("[bold]Decisions[/]")
+        out.print(styled("Decisions", "bold"))
         for d in data["decisions"]:
             if d["verdict"] in ("assign", "disk-stream"):
                 continue

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json
+from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_OK, CommandError, console, emit_json, line, styled
 from vsphere_proxy.config import ConfigError
 from vsphere_proxy.coordinator import STRATEGIES
 from vsphere_proxy.report_html import write
@@ -63,8 +63,8 @@ def show(c: Comparison) -> None:
     out = console()
     data = c.to_json()
     lb = c.bound
-    out.print(f"[bold]{c.scenario.name}[/]: {data['vms']} VMs, {data['proxies']} proxies, "
-              f"job limit {data['job_limit']} streams")
+    out.print(line(styled(c.scenario.name, "bold"), f": {data['vms']} VMs, {data['proxies']} proxies, "
+                   f"job limit {data['job_limit']} streams"))
     if c.scenario.description:
         out.print(c.scenario.description, soft_wrap=True)
     out.print(f"lower bound {hms(lb.seconds)} = max(aggregate bandwidth {hms(lb.aggregate_s)}, "
@@ -85,8 +85,8 @@ def show(c: Comparison) -> None:
         out.print(f"{r.strategy}: datastore peak streams: "
                   + ", ".join(f"{ds} {n}" for ds, n in r.datastore_peak.items()), soft_wrap=True)
         for vm, error in r.errors.items():
-            out.print(f"  [red]{vm}[/]: {error}", soft_wrap=True)
+            out.print(line("  ", styled(vm, "red"), f": {error}"), soft_wrap=True)
         for vm, why in r.fell_back.items():
             out.print(f"  {vm}: {why}", soft_wrap=True)
         if r.lost:
-            out.print(f"  [red]lost (neither backed up nor reported): {', '.join(r.lost)}[/]")
+            out.print(styled(f"  lost (neither backed up nor reported): {', '.join(r.lost)}", "red"), soft_wrap=True)

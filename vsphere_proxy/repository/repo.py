@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -133,14 +134,41 @@ class Repository:
         return points[-1] if points else None
 
     def restore(self, point_id: str, disk_index: int, out: Path | str) -> RestoreResult:
-        """Write disk `disk_index` of a restore point to `out` as a flat image, identical to the source disk.
+        """Write disk `disk_index` of a restore point to `out`, identical to the source disk; every chunk is
+        checked against its SHA-256 on the way.
 
-        Holes become sparse regions. The image is streamed block by block into a temporary file next to `out`
-        and renamed onto `out` only when complete; every chunk is checked against its SHA-256 on the way.
+        A regular file, or a path that does not exist, becomes a flat image: streamed block by block into a
+        temporary file next to `out`, holes left sparse, renamed onto `out` only when complete. A block device (a
+        LUN, a loop device) is written into: no replace, no truncate, holes written as zeros (a device need not
+        read zeros where nothing was written), bytes beyond the disk's capacity left as they are; it is refused
+        when smaller than the disk or while it is mounted or held open, and a restore that fails part-way leaves it
+        partly written. Anything else is refused.
         """
         out = Path(out)
+        try:
+            mode = out.stat().st_mode  # follows symbolic links, as /dev/disk/by-id/ names are
+        except FileNotFoundError:
+            mode = stat.S_IFREG
+        except OSError as exc:
+            raise RepositoryError(f"cannot restore to {out}: {one_line(exc)}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise RepositoryError(f"cannot restore to {out}: neither a regular file nor a block device")
         with self.lock("shared", f"restore {point_id} disk {disk_index}"):
             disk = self.manifest(point_id).disk(disk_index)
+            if stat.S_ISBLK(mode):
+                try:
+                    with open(os.open(out, os.O_WRONLY | os.O_EXCL), "wb") as f:  # O_EXCL: not while mounted
+                        size = f.seek(0, os.SEEK_END)
+                        if size < disk.capacity:
+                            raise RepositoryError(f"cannot restore to {out}: the device holds {size} bytes, "
+                                                  f"disk {disk.index} needs {disk.capacity}")
+                        f.seek(0)
+                        digest = self._write_image(f, point_id, disk, sparse=False)
+                        f.flush()
+                        os.fsync(f.fileno())
+                except OSError as exc:
+                    raise RepositoryError(f"cannot restore to {out}: {one_line(exc)}") from None
+                return RestoreResult(out, disk.capacity, digest)
             tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
             try:
                 with open(tmp, "xb") as f:
@@ -156,14 +184,19 @@ class Repository:
                 remove_quietly(tmp)
         return RestoreResult(out, disk.capacity, digest)
 
-    def _write_image(self, f: BinaryIO, point_id: str, disk: DiskRecord) -> str:
-        """Write the disk's blocks in order (holes as seeks); return the SHA-256 of the image."""
+    def _write_image(self, f: BinaryIO, point_id: str, disk: DiskRecord, *, sparse: bool = True) -> str:
+        """Write the disk's blocks in order from the current position (holes as seeks when `sparse`, else as
+        zeros); return the SHA-256 of the image."""
         digest = hashlib.sha256()
         for block, chunk in enumerate(disk.blocks):
             length = disk.block_length(block)
             if chunk is None:
-                f.seek(length, os.SEEK_CUR)
-                digest.update(zeros(length))
+                hole = zeros(length)
+                if sparse:
+                    f.seek(length, os.SEEK_CUR)
+                else:
+                    f.write(hole)
+                digest.update(hole)
                 continue
             try:
                 data = self.chunks.get(chunk, length)
