@@ -65,7 +65,7 @@ class VSphereVmSnapshot:
         if mode == "hotadd":
             if p.vm_moref is None or p.devices is None:
                 raise TransportError(f"hotadd: proxy {p.name} is not a VM proxy with a device resolver")
-            return HotAddTransport(o.session, p.vm_moref, p.devices, retry=o.retry)
+            return HotAddTransport(o.session, p.vm_moref, p.devices, retry=o.retry, job_id=o.job_id)
         if mode == "nbd":
             s = o.session
             return NbdTransport(s.base_url, o.datacenter, s.cookie, s.verify, attempts=o.nbd_attempts)

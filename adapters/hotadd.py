@@ -9,8 +9,9 @@ goes on a free unit of an existing SCSI controller; a paravirtual controller is 
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,22 @@ HOTADD_DISK_MODE = "independent_nonpersistent"
 SCSI_UNITS = 16  # units 0-15 per SCSI bus; the controller itself sits on one of them (7 by default)
 SCSI_BUSES = 4
 DEVICE_PATHS = ["config.hardware.device"]
+OWNER_KEY_PREFIX = "vsphere-proxy.hotadd."  # + a digest of the disk file: the extraConfig naming its job
+
+
+def owner_key(disk_file: str) -> str:
+    """The proxy VM's extraConfig key recording which backup job attached `disk_file`."""
+    return OWNER_KEY_PREFIX + hashlib.sha256(disk_file.encode()).hexdigest()[:24]
+
+
+def owners(extra_config: Iterable[Any]) -> dict[str, str]:
+    """extraConfig key -> job id of the hot-add owner records (the last value of a key wins; empty: none)."""
+    out: dict[str, str] = {}
+    for option in extra_config or []:
+        key = str(getattr(option, "key", "") or "")
+        if key.startswith(OWNER_KEY_PREFIX):
+            out[key] = str(getattr(option, "value", "") or "")
+    return {k: v for k, v in out.items() if v}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +56,7 @@ class AttachedDisk:
     file: str  # "[datastore] vm/vm.vmdk"
     disk_mode: str = HOTADD_DISK_MODE
     uuid: str = ""  # the backing's UUID: how a guest with disk.EnableUUID names the device
+    job: str = ""  # the backup job that attached it (the proxy VM's extraConfig), "" when unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +104,11 @@ def _disks(devices: Iterable[Any]) -> list[Any]:
     return [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
 
 
-def _attached(proxy_moref: str, disk: Any) -> AttachedDisk:
+def _attached(proxy_moref: str, disk: Any, job: str = "") -> AttachedDisk:
     return AttachedDisk(proxy_moref=proxy_moref, key=disk.key, controller_key=disk.controllerKey,
                         unit=disk.unitNumber, file=_file(disk),
                         disk_mode=str(getattr(disk.backing, "diskMode", "") or ""),
-                        uuid=str(getattr(disk.backing, "uuid", "") or ""))
+                        uuid=str(getattr(disk.backing, "uuid", "") or ""), job=job)
 
 
 def _datastore(datastore_path: str) -> str:
@@ -123,8 +141,12 @@ def attach_disk(
     capacity_bytes: int,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
+    job_id: str = "",
 ) -> AttachedDisk:
     """Attach the existing disk `disk_file` ("[datastore] vm/vm.vmdk") to the proxy VM; return where it went.
+
+    The same reconfiguration records `job_id` in the proxy VM's extraConfig (`owner_key`): a sweep by another
+    job leaves the disk alone while `job_id` is alive.
 
     The proxy's host must mount the disk's datastore (the hot-add condition, DESIGN §3). Refuses a file the
     proxy already has attached; a retried attempt adopts the disk an interrupted attempt attached, so a retry
@@ -164,12 +186,14 @@ def attach_disk(
             backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=disk_file, diskMode=HOTADD_DISK_MODE),
         )
         changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=disk))
-        retry.wait_task(session, ref.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)), what)
+        extra = [vim.option.OptionValue(key=owner_key(disk_file), value=job_id)] if job_id else []
+        spec = vim.vm.ConfigSpec(deviceChange=changes, extraConfig=extra)
+        retry.wait_task(session, ref.ReconfigVM_Task(spec=spec), what)
         devices = read_one(session, ref, DEVICE_PATHS).get("config.hardware.device") or []
         added = next((d for d in _disks(devices) if _file(d) == disk_file), None)
         if added is None:
             raise VSphereError(f"{what}: the reconfiguration succeeded but the disk is not on the VM")
-        return _attached(proxy_vm_moref, added)
+        return _attached(proxy_vm_moref, added, job_id)
 
     return retry.call(attempt, what)
 
@@ -182,9 +206,11 @@ def _detach(session: Session, ref: Any, disk: AttachedDisk, retry: RetryPolicy) 
         device = next((d for d in _disks(devices) if d.key == disk.key and _file(d) == disk.file), None)
         if device is None:
             return False
-        # No fileOperation: the device goes, the file stays.
+        # No fileOperation: the device goes, the file stays; its owner record is cleared (an empty value).
         change = vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
-        retry.wait_task(session, ref.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[change])), what)
+        extra = [vim.option.OptionValue(key=owner_key(disk.file), value="")]
+        spec = vim.vm.ConfigSpec(deviceChange=[change], extraConfig=extra)
+        retry.wait_task(session, ref.ReconfigVM_Task(spec=spec), what)
         return True
 
     return retry.call(attempt, what)
@@ -203,23 +229,31 @@ def left_behind_disks(session: Session, proxy_vm_morefs: Iterable[str], *, retry
                       ) -> dict[str, list[AttachedDisk]]:
     """Per proxy VM, the disks attached for a backup and left behind (see `left_behind`); one round trip."""
     refs = [vm_ref(session, m) for m in dict.fromkeys(proxy_vm_morefs)]
-    props = retry.call(lambda: read(session, refs, [*DEVICE_PATHS, "config.files.vmPathName"]),
+    props = retry.call(lambda: read(session, refs, [*DEVICE_PATHS, "config.files.vmPathName", "config.extraConfig"]),
                        "read the devices of the proxy VMs")
     out: dict[str, list[AttachedDisk]] = {}
     for moref, p in props.items():
         devices = p.get("config.hardware.device") or []
-        out[moref] = [_attached(moref, d) for d in left_behind(devices, str(p.get("config.files.vmPathName") or ""))]
+        jobs = owners(p.get("config.extraConfig") or [])
+        out[moref] = [_attached(moref, d, jobs.get(owner_key(_file(d)), ""))
+                      for d in left_behind(devices, str(p.get("config.files.vmPathName") or ""))]
     return out
 
 
 def sweep_attached(
-    session: Session, proxy_vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY
+    session: Session, proxy_vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY,
+    spare: Callable[[str], bool] | None = None, job_id: str | None = None,
 ) -> list[SweptDisk]:
-    """Detach every disk left behind on the proxy VMs; a failure is reported with its error and the sweep goes on."""
+    """Detach every disk left behind on the proxy VMs; a failure is reported with its error and the sweep goes on.
+    With `job_id`, only that job's disks; with `spare`, a disk whose owning job `spare` says is alive stays."""
     swept: list[SweptDisk] = []
     for moref, disks in left_behind_disks(session, proxy_vm_morefs, retry=retry).items():
         ref = vm_ref(session, moref)
         for disk in disks:
+            if job_id is not None and disk.job != job_id:
+                continue
+            if spare is not None and disk.job and disk.job != job_id and spare(disk.job):
+                continue
             error = ""
             try:
                 _detach(session, ref, disk, retry)

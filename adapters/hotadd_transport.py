@@ -83,8 +83,9 @@ class HotAddTransport:
     mode = "hotadd"
 
     def __init__(self, session: Session, proxy_vm_moref: str, devices: GuestDevices, *,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, job_id: str = "") -> None:
         self._session = session
+        self._job = job_id  # recorded on the proxy VM with the disk: its owner
         self._proxy = proxy_vm_moref
         self._devices = devices
         self._retry = retry
@@ -97,7 +98,7 @@ class HotAddTransport:
         try:
             with _proxy_lock(self._proxy):
                 self._attached = attach_disk(self._session, self._proxy, disk.file, disk.capacity,
-                                             retry=self._retry)
+                                             retry=self._retry, job_id=self._job)
         except VSphereError as e:
             raise TransportError(f"{disk}: hotadd: {e}") from None
         self._disk = disk

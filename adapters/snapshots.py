@@ -9,6 +9,7 @@ Reads go through the PropertyCollector; calls and tasks are retried on transient
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ class SnapshotEntry:
     def ours(self) -> bool:
         return self.name.startswith(SNAPSHOT_PREFIX)
 
+    @property
+    def job(self) -> str | None:
+        """The backup job that made it (from its description), None when not ours or unreadable."""
+        return owner_job(self.description) if self.ours else None
+
 
 @dataclass(frozen=True, slots=True)
 class SweptSnapshot:
@@ -82,6 +88,19 @@ class SweptSnapshot:
     @property
     def removed(self) -> bool:
         return not self.error
+
+
+_OWNER = re.compile(r"for backup job (\S+?);")
+
+
+def description_for(job_id: str) -> str:
+    """A snapshot's description: names the job owning it (the sweep reads it back with `owner_job`)."""
+    return f"Made by vsphere-proxy for backup job {job_id}; vsphere-proxy removes it when the backup ends."
+
+
+def owner_job(description: str) -> str | None:
+    match = _OWNER.search(description or "")
+    return match.group(1) if match else None
 
 
 def snapshot_name(job_id: str, now: datetime) -> str:
@@ -162,7 +181,7 @@ def create_snapshot(
     never leaves two. If reading the new snapshot's disks fails, the snapshot is removed before the error is raised.
     """
     name = snapshot_name(job_id, now())
-    description = f"Made by vsphere-proxy for backup job {job_id}; vsphere-proxy removes it when the backup ends."
+    description = description_for(job_id)
     what = f"create snapshot {name} of {vm_moref}"
     ref = vm_ref(session, vm_moref)
     attempts = 0
@@ -222,10 +241,12 @@ def job_prefix(job_id: str) -> str:
 
 
 def sweep_snapshots(
-    session: Session, vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY, job_id: str | None = None
+    session: Session, vm_morefs: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY, job_id: str | None = None,
+    spare: Callable[[str], bool] | None = None,
 ) -> list[SweptSnapshot]:
     """Remove every snapshot of ours (name starts with `SNAPSHOT_PREFIX`; with `job_id`, only that job's) on the
-    VMs; leave all others.
+    VMs; leave all others. With `spare`, a snapshot whose owning job (its description) `spare` says is alive is
+    left alone: a running job's snapshots are never removed by another job.
 
     Children are removed before their parents. A removal that fails is reported with its error and the sweep
     goes on with the next one.
@@ -237,6 +258,9 @@ def sweep_snapshots(
         entries = _entries(props.get(ref._moId, {}).get("snapshot"), ref._moId)
         for entry in ours_children_first(entries):
             if job_id is not None and not entry.name.startswith(job_prefix(job_id)):
+                continue
+            owner = entry.job
+            if spare is not None and owner is not None and owner != job_id and spare(owner):
                 continue
             error = ""
             try:

@@ -46,6 +46,8 @@ class BackupReport:
     cleanup_errors: tuple[str, ...] = ()
     modes: dict[str, int] = field(default_factory=dict)  # done VMs per access mode
     dispatch: dict[str, Any] = field(default_factory=dict)  # distributed engine: assignments, decide/queue ms
+    left_behind: tuple[str, ...] = ()  # snapshots and hot-added disks cleanup could not remove (next sweep does)
+    problems: tuple[str, ...] = ()  # job-level failures besides the VMs' (the catalog could not record the end)
 
     @property
     def status(self) -> str:
@@ -53,7 +55,7 @@ class BackupReport:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_FOR_STATUS.get(self.status, 4)
+        return 4 if self.problems else EXIT_FOR_STATUS.get(self.status, 4)
 
     def totals(self) -> dict[str, int]:
         return {"bytes_read": sum(v.bytes_read for v in self.vms),
@@ -70,13 +72,16 @@ class BackupReport:
             "swept": {"snapshots": list(self.swept_snapshots), "attached_disks": list(self.swept_disks),
                       "errors": list(self.cleanup_errors)},
             "dispatch": self.dispatch,
+            "left_behind": list(self.left_behind),
+            "problems": list(self.problems),
             "vms": [v.to_json() for v in self.vms],
         }
 
 
 def build_report(job_id: str, job: JobReport, ends: Iterable[AttemptEnd], skipped: Sequence[tuple[str, str]],
                  *, swept_snapshots: Sequence[str] = (), swept_disks: Sequence[str] = (),
-                 cleanup_errors: Sequence[str] = (), dispatch: dict[str, Any] | None = None) -> BackupReport:
+                 cleanup_errors: Sequence[str] = (), dispatch: dict[str, Any] | None = None,
+                 left_behind: Sequence[str] = ()) -> BackupReport:
     """Join the coordinator's outcomes with each VM's last attempt; `skipped` is (vm, reason)."""
     last: dict[str, AttemptEnd] = {}
     for e in ends:
@@ -102,4 +107,5 @@ def build_report(job_id: str, job: JobReport, ends: Iterable[AttemptEnd], skippe
         if line.status == VmStatus.DONE.value and line.mode:
             modes[line.mode] = modes.get(line.mode, 0) + 1
     return BackupReport(job_id, job, tuple(sorted(lines, key=lambda x: x.vm)), tuple(swept_snapshots),
-                        tuple(swept_disks), tuple(cleanup_errors), dict(sorted(modes.items())), dict(dispatch or {}))
+                        tuple(swept_disks), tuple(cleanup_errors), dict(sorted(modes.items())), dict(dispatch or {}),
+                        tuple(dict.fromkeys(left_behind)))

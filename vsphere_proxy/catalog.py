@@ -8,10 +8,12 @@ job's proxies held. The rest of the product reaches the database only through th
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ class JobRow(_Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(80), primary_key=True)
     name: Mapped[str] = mapped_column(String(80), index=True)
-    status: Mapped[str] = mapped_column(String(20))  # running | complete | partial | failed
+    status: Mapped[str] = mapped_column(String(20))  # running | complete | partial | failed | interrupted
     engine: Mapped[str] = mapped_column(String(20))
     policy: Mapped[dict[str, Any]]
     started: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -153,6 +155,48 @@ class DecisionRow(_Base):
     reason: Mapped[str] = mapped_column(Text)
 
 
+class JobLeaseRow(_Base):
+    """A running job's liveness: its coordinator renews `expires`; a lease past it belongs to a dead job."""
+
+    __tablename__ = "job_leases"
+    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))  # host:pid of the coordinator holding it
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class VmClaimRow(_Base):
+    """A VM in a running backup: at most one job holds a VM's claim (a claim of a dead job may be taken over)."""
+
+    __tablename__ = "vm_claims"
+    vm: Mapped[str] = mapped_column(String(400), primary_key=True)  # "<vCenter host>/<VM moref>"
+    name: Mapped[str] = mapped_column(String(255))
+    job_id: Mapped[str] = mapped_column(String(80), index=True)
+    claimed: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+def lease_holder() -> str:
+    """This process as a lease holder: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_gone(holder: str) -> bool:
+    """A holder on this host whose process has ended (its lease is dead before it expires)."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite gives naive UTC back
+
+
 @dataclass(frozen=True)
 class StreamRecord:
     stream: str
@@ -221,8 +265,15 @@ class Catalog:
     def open(cls, target: str | Path) -> Catalog:
         """Open (creating the tables when missing) the catalog at a URL or SQLite file path."""
         url = database_url(target)
+        # Every statement is bounded: a locked SQLite file waits at most 15 s, a PostgreSQL server that does not
+        # answer fails the connection after 10 s and a statement after 30 s.
+        connect_args: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            connect_args = {"timeout": 15}
+        elif url.startswith("postgresql"):
+            connect_args = {"connect_timeout": 10, "options": "-c statement_timeout=30000"}
         try:
-            engine = create_engine(url, future=True)
+            engine = create_engine(url, future=True, connect_args=connect_args, pool_timeout=30)
             if engine.dialect.name == "sqlite":
                 event.listen(engine, "connect", _sqlite_pragmas)
             _Base.metadata.create_all(engine)
@@ -324,6 +375,78 @@ class Catalog:
             job.status, job.ended, job.summary = status, at, json.loads(json.dumps(summary, default=str))
             for role in s.scalars(select(RoleRow).where(RoleRow.job_id == job_id, RoleRow.rescinded.is_(None))):
                 role.rescinded = at
+
+    # ---- job liveness and VM claims (DESIGN §9) --------------------------------------------------------------
+
+    def take_lease(self, job_id: str, holder: str, seconds: float) -> None:
+        """Hold the job's liveness lease for `seconds` (taking over a dead coordinator's)."""
+        with self._tx() as s:
+            s.merge(JobLeaseRow(job_id=job_id, holder=holder, expires=now() + timedelta(seconds=seconds)))
+
+    def renew_lease(self, job_id: str, holder: str, seconds: float) -> bool:
+        """Extend the lease; False when `holder` no longer holds it (another coordinator took the job over)."""
+        with self._tx() as s:
+            lease = s.get(JobLeaseRow, job_id)
+            if lease is None or lease.holder != holder:
+                return False
+            lease.expires = now() + timedelta(seconds=seconds)
+            return True
+
+    def end_lease(self, job_id: str) -> None:
+        """The job ended: its lease and its VMs' claims go."""
+        with self._tx() as s:
+            lease = s.get(JobLeaseRow, job_id)
+            if lease is not None:
+                s.delete(lease)
+            for claim in s.scalars(select(VmClaimRow).where(VmClaimRow.job_id == job_id)):
+                s.delete(claim)
+
+    def lease(self, job_id: str) -> JobLeaseRow | None:
+        with self._session() as s:
+            return s.get(JobLeaseRow, job_id)
+
+    def live(self, job_id: str) -> bool:
+        """Whether the job's coordinator holds an unexpired lease (and, when it ran on this host, still runs)."""
+        lease = self.lease(job_id)
+        return lease is not None and _aware(lease.expires) > now() and not holder_gone(lease.holder)
+
+    def claim_vms(self, job_id: str, vms: dict[str, str]) -> dict[str, str]:
+        """Claim VMs (key -> name) for the job; returns key -> the live job already backing up each VM not
+        claimed. Claims of jobs whose lease expired are taken over. Two jobs racing for a VM: one gets it."""
+        for _ in range(5):
+            try:
+                return self._claim(job_id, vms)
+            except SQLAlchemyError:  # another job inserted the same claim, or held the database: look again
+                continue
+        return self._claim(job_id, vms)
+
+    def _claim(self, job_id: str, vms: dict[str, str]) -> dict[str, str]:
+        busy: dict[str, str] = {}
+        at = now()
+        with self._tx() as s:
+            held = {c.vm: c for c in s.scalars(select(VmClaimRow).where(VmClaimRow.vm.in_(list(vms))))}
+            owners = {c.job_id for c in held.values() if c.job_id != job_id}
+            live = {lease.job_id for lease in s.scalars(select(JobLeaseRow).where(JobLeaseRow.job_id.in_(owners)))
+                    if _aware(lease.expires) > at and not holder_gone(lease.holder)}
+            for key, name in vms.items():
+                claim = held.get(key)
+                if claim is not None and claim.job_id == job_id:
+                    continue
+                if claim is not None and claim.job_id in live:
+                    busy[key] = claim.job_id
+                    continue
+                if claim is not None:
+                    s.delete(claim)
+                    s.flush()
+                s.add(VmClaimRow(vm=key, name=name, job_id=job_id, claimed=at))
+            s.flush()
+        return busy
+
+    def release_claims(self, job_id: str, keys: Sequence[str]) -> None:
+        with self._tx() as s:
+            for claim in s.scalars(select(VmClaimRow).where(VmClaimRow.job_id == job_id,
+                                                            VmClaimRow.vm.in_(list(keys)))):
+                s.delete(claim)
 
     def jobs(self, limit: int = 50) -> list[JobRow]:
         with self._session() as s:

@@ -193,6 +193,13 @@ class PolicyConfig(_Strict):
     quiesce: bool = False  # quiesce the guest file systems (VMware Tools) when snapshotting powered-on VMs
     incremental: bool = True  # read only the blocks CBT reports changed since the VM's last restore point
     stall_seconds: Annotated[float, Field(gt=0, le=86_400)] = 300.0  # a stream without progress this long fails
+    # A VM another running job is backing up: skip it (reported "being backed up by job X"), or wait for it
+    # at most busy_wait_seconds and skip it then.
+    on_busy: Literal["skip", "wait"] = "skip"
+    busy_wait_seconds: Annotated[float, Field(ge=0, le=86_400)] = 1800.0
+    # The job's liveness lease in the catalog, renewed every third of it: a job that stopped renewing it is
+    # dead, and only then may another job's sweep remove its snapshots and hot-added disks.
+    lease_seconds: Annotated[float, Field(ge=3, le=3600)] = 60.0
 
     @model_validator(mode="after")
     def _cap(self) -> PolicyConfig:

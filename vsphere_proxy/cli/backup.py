@@ -9,20 +9,27 @@ attempt is recorded in the catalog. Exit 0 when every VM is backed up, 3 when so
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import secrets
 import socket
 import threading
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from vsphere_proxy.backup_report import BackupReport, build_report
-from vsphere_proxy.catalog import Catalog, StreamRecord
+from vsphere_proxy.catalog import Catalog, StreamRecord, lease_holder
 from vsphere_proxy.cli.attempts import proxy_access, record_attempt, throttles
 from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
     EXIT_FAILED,
     CommandError,
     Discovered,
@@ -37,12 +44,15 @@ from vsphere_proxy.cli.common import (
     vcenter,
 )
 from vsphere_proxy.cli.fleet import Fleet
-from vsphere_proxy.cli.plan import build_job
+from vsphere_proxy.cli.plan import JobSetup, build_job
 from vsphere_proxy.cli.resume import Earlier, StateKeeper
+from vsphere_proxy.cli.signals import stop_on_signals
 from vsphere_proxy.config import Config
 from vsphere_proxy.coordinator import Assignment, Coordinator
 from vsphere_proxy.engine.attempt import RepositoryPreparer
+from vsphere_proxy.engine.control import JobControl
 from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
+from vsphere_proxy.engine.lease import LeaseKeeper
 from vsphere_proxy.engine.streams import StreamResult
 from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.repository import Repository, RepositoryError
@@ -111,38 +121,126 @@ def keep_decisions(catalog: Catalog, job_id: str, coordinator: Coordinator) -> N
                                    if d.verdict != "skip"])
 
 
+def vm_key(config: Config, moref: str) -> str:
+    """A VM's identity across jobs: the vCenter it lives in and its managed object id."""
+    return f"{urlsplit(config.vcenter.url).netloc}/{moref}"
+
+
+def claim_vms(catalog: Catalog, config: Config, job_id: str, setup: JobSetup, keep_alive: Callable[[], object],
+              sleep: Callable[[float], None] = time.sleep) -> tuple[JobSetup, list[tuple[str, str]]]:
+    """Claim the job's VMs; a VM another live job is backing up is skipped ("being backed up by job X"), or
+    waited for first when the policy says `on_busy: wait`. Returns the job without them, and them."""
+    policy = config.job.policy
+    keys = {vm_key(config, s.vm.moref): s.vm.name for s in setup.selected if not s.skip}
+    busy = catalog.claim_vms(job_id, keys)
+    deadline = time.monotonic() + policy.busy_wait_seconds
+    while busy and policy.on_busy == "wait" and time.monotonic() < deadline:
+        sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+        keep_alive()
+        busy = catalog.claim_vms(job_id, {k: keys[k] for k in busy})
+    if not busy:
+        return setup, []
+    names = {keys[k]: other for k, other in busy.items()}
+    why = {name: f"being backed up by job {other}" for name, other in names.items()}
+    selected = [dataclasses.replace(s, skip=why[s.vm.name]) if s.vm.name in why and not s.skip else s
+                for s in setup.selected]
+    job = dataclasses.replace(setup.job, vms=tuple(vm for vm in setup.job.vms if vm.name not in why))
+    return dataclasses.replace(setup, selected=selected, job=job), sorted(why.items())
+
+
 def run_backup(config: Config, found: Discovered, repo: Repository, *, show_progress: bool = False,
-               engine: str = "embedded", resume: str | None = None) -> BackupReport:
+               engine: str = "embedded", resume: str | None = None,
+               control: JobControl | None = None) -> BackupReport:
     """Sweep, run every round of the job on the chosen engine, keep it in the catalog; return the report.
 
     With `resume`, take over a job whose coordinator stopped: VMs it backed up stay done, the others are
-    backed up in the round it had reached."""
+    backed up in the round it had reached. The job holds a liveness lease while it runs (DESIGN §9): its VMs are
+    claimed, another job's sweep never removes what it made, and `control` may stop it (a signal)."""
+    try:
+        return _run_backup(config, found, repo, show_progress=show_progress, engine=engine, resume=resume,
+                           control=control or JobControl())
+    except SQLAlchemyError as e:
+        raise CommandError(f"repository.catalog: {type(e).__name__}: {one_line(e)}", EXIT_FAILED) from None
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _run_backup(config: Config, found: Discovered, repo: Repository, *, show_progress: bool, engine: str,
+                resume: str | None, control: JobControl) -> BackupReport:
     from adapters.backup import VSphereSnapshotter
     from adapters.hotadd import sweep_attached
     from adapters.snapshots import sweep_snapshots
 
+    policy = config.job.policy
+    holder = lease_holder()
     catalog = open_catalog(config)
+    fleet: Fleet | None = None
     try:
         if resume:
             Earlier.check(catalog, resume, config, engine)  # bad input fails before anything waits
         job_id = resume or new_job_id(config.job.name)
         setup = build_job(config, found.inventory, job_id)
+        if not setup.selected:
+            raise CommandError(f"job.select: job {config.job.name!r} selects no VM", EXIT_BAD_INPUT)
         fleet = Fleet.open(config, job_id) if engine == "celery" else None
         if resume and fleet is not None:  # what the stopped coordinator's streams still do ends up in the catalog
             fleet.drain(config.job.policy.stall_seconds, out=console() if show_progress else None)
         earlier = Earlier.load(catalog, resume, config, engine) if resume else None
         if earlier is not None:
             setup = earlier.remaining(setup)
+        catalog.take_lease(job_id, holder, policy.lease_seconds)
+        if fleet is not None:
+            fleet.take_job(holder, policy.lease_seconds)
     except BaseException:
+        if fleet is not None:
+            fleet.close()
         catalog.close()
         raise
+
+    def renew() -> bool:
+        held = catalog.renew_lease(job_id, holder, policy.lease_seconds)
+        if fleet is not None:
+            held = fleet.hold_job(holder, policy.lease_seconds) and held
+        return held
+
+    def spare(owner: str) -> bool:
+        """Whether what job `owner` made must be left alone: it is another job, still alive."""
+        if owner == job_id:
+            return False
+        return catalog.live(owner) or (fleet is not None and fleet.job_live(owner))
+
+    try:
+        return _run_leased(config, found, repo, catalog, fleet, setup, earlier, job_id, renew, spare,
+                           show_progress=show_progress, engine=engine, control=control,
+                           sweeps=(sweep_snapshots, sweep_attached), snapshotter=VSphereSnapshotter)
+    finally:
+        with contextlib.suppress(Exception):  # a dead lease expires by itself
+            catalog.end_lease(job_id)
+        if fleet is not None:
+            with contextlib.suppress(Exception):
+                fleet.drop_job()
+            fleet.close()
+        catalog.close()
+
+
+def _run_leased(config: Config, found: Discovered, repo: Repository, catalog: Catalog, fleet: Fleet | None,
+                setup: JobSetup, earlier: Earlier | None, job_id: str, renew: Callable[[], bool],
+                spare: Callable[[str], bool], *, show_progress: bool, engine: str, control: JobControl,
+                sweeps: tuple[Any, Any], snapshotter: Any) -> BackupReport:
+    sweep_snapshots, sweep_attached = sweeps
     session = found.session
     policy = config.job.policy
+    setup, busy = claim_vms(catalog, config, job_id, setup, renew)
     vms = {s.vm.name: s.vm for s in setup.selected if not s.skip}
     skipped = [(s.vm.name, s.skip) for s in setup.selected if s.skip]
+    keeper = LeaseKeeper(renew, every=policy.lease_seconds / 3, lease_seconds=policy.lease_seconds,
+                         on_lost=lambda why: control.stop(why, "failed"))
 
-    swept_snaps = sweep_snapshots(session, [vm.moref for vm in vms.values()])
-    swept_disks = sweep_attached(session, [p.vm_moref for p in setup.proxies if p.vm_moref])
+    swept_snaps = sweep_snapshots(session, [vm.moref for vm in vms.values()], spare=spare)
+    swept_disks = sweep_attached(session, [p.vm_moref for p in setup.proxies if p.vm_moref], spare=spare)
     errors = [f"snapshot {s.name} on {s.vm_moref}: {s.error}" for s in swept_snaps if s.error]
     errors += [f"disk {d.disk.file} on {d.disk.proxy_moref}: {d.error}" for d in swept_disks if d.error]
 
@@ -181,26 +279,27 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
     coordinator = Coordinator(setup.job, fleet.ledger if fleet else InMemoryLedger())
     if earlier is not None:
         coordinator.carry_over(earlier.attempts, earlier.round)
-    try:
-        with progress.progress if progress.progress is not None else nullcontext():
+    with keeper, progress.progress if progress.progress is not None else nullcontext():
+        try:
             if fleet is not None:
                 def lost(proxy: str, running: list[str]) -> None:
                     moref = next((p.vm_moref for p in setup.proxies if p.name == proxy), None)
                     if moref:
-                        sweep_attached(session, [moref])
+                        sweep_attached(session, [moref], job_id=job_id)
                     sweep_snapshots(session, [vms[v].moref for v in running if v in vms], job_id=job_id)
 
                 job_context = {"id": job_id, "incremental": policy.incremental, "quiesce": policy.quiesce,
                                "repository": str(repo.path)}
                 celery_engine = fleet.engine(job_context, on_start=on_start, on_end=on_end, on_proxy_lost=lost,
                                              on_change=states.changed, on_progress=progress.update,
-                                             on_stream=on_stream)
+                                             on_stream=on_stream, stall_seconds=policy.stall_seconds)
+                control.attach(celery_engine)
                 job_report = celery_engine.run(coordinator)
                 dispatch = celery_engine.stats.to_json()
             else:
-                snapshotter = VSphereSnapshotter(session, found.inventory.datacenter, vms,
-                                                 proxy_access(config, setup.proxies), job_id, quiesce=policy.quiesce)
-                preparer = RepositoryPreparer(snapshotter, repo, job_id, vms, incremental=policy.incremental)
+                vsphere = snapshotter(session, found.inventory.datacenter, vms,
+                                      proxy_access(config, setup.proxies), job_id, quiesce=policy.quiesce)
+                preparer = RepositoryPreparer(vsphere, repo, job_id, vms, incremental=policy.incremental)
 
                 def started(a: Assignment) -> None:
                     on_start(a)
@@ -213,31 +312,41 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
                 embedded = EmbeddedEngine(preparer, stall_seconds=policy.stall_seconds, on_end=ended,
                                           on_progress=progress.update, on_start=started,
                                           throttle=throttles(config), on_stream=on_stream)
+                control.attach(embedded)
                 states.changed(coordinator, [vm.name for vm in setup.job.vms])
                 job_report = embedded.run(coordinator)
                 dispatch = {}
-    except BaseException:
-        keep_decisions(catalog, job_id, coordinator)
-        catalog.close()  # the job stays `running` in the catalog: `backup --resume` takes it over
-        raise
-    finally:
-        if fleet is not None:
-            fleet.close()
-    states.changed(coordinator, [vm.name for vm in setup.job.vms])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                keep_decisions(catalog, job_id, coordinator)
+            raise  # the job stays `running` in the catalog: `backup --resume` takes it over
+    problems: list[str] = []
+
+    def kept(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as e:  # a full or unreachable catalog: the job's report still reaches the admin
+            problems.append(f"catalog: {what} could not be recorded: {type(e).__name__}: {one_line(e)}")
+
+    kept("the VMs' states", lambda: states.changed(coordinator, [vm.name for vm in setup.job.vms]))
     if earlier is not None:
         job_report = earlier.merged(job_report)
+    left = [item for e in ends for item in e.left_behind]
     report = build_report(job_id, job_report, ends, skipped,
                           swept_snapshots=[f"{s.name} ({s.vm_moref})" for s in swept_snaps if s.removed],
                           swept_disks=[f"{d.disk.file} ({d.disk.proxy_moref})" for d in swept_disks if d.detached],
-                          cleanup_errors=errors, dispatch=dispatch)
+                          cleanup_errors=errors, dispatch=dispatch, left_behind=left)
     data = report.to_json()
     summary = {k: v for k, v in data.items() if k != "vms"}
     summary["stream_limits"] = dict(coordinator.limits)
     summary["fell_back"] = {v["vm"]: v["fell_back"] for v in data["vms"] if v["fell_back"]}
     summary["not_backed_up"] = {v["vm"]: v["error"] for v in data["vms"] if v["status"] in ("failed", "unprotected")}
-    keep_decisions(catalog, job_id, coordinator)
-    catalog.finish_job(job_id, report.status, summary)
-    catalog.close()
+    if busy:
+        summary["busy"] = dict(busy)
+    kept("the decisions", lambda: keep_decisions(catalog, job_id, coordinator))
+    kept("the job's end", lambda: catalog.finish_job(job_id, report.status, summary))
+    if problems:
+        report = dataclasses.replace(report, problems=tuple(problems))
     return report
 
 
@@ -282,15 +391,19 @@ def print_report(report: BackupReport) -> None:
 def do_backup(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     repo = open_repository(config, create=True)  # a bad repository is bad input: say so before touching vCenter
-    with vcenter(config) as found:
+    control = JobControl()
+    with stop_on_signals(control), vcenter(config) as found:
         try:
             report = run_backup(config, found, repo, show_progress=not args.json and console().is_terminal,
-                                engine=args.engine, resume=args.resume)
+                                engine=args.engine, resume=args.resume, control=control)
         except RepositoryError as e:
             raise CommandError(str(e), EXIT_FAILED) from None
     if args.json:
         emit_json(report.to_json())
     else:
         print_report(report)
+    request = control.request
+    if report.status == "interrupted" and request is not None and request.signal is not None:
+        return 128 + request.signal  # 130 after SIGINT, 143 after SIGTERM
     return report.exit_code
 

@@ -63,13 +63,14 @@ class Fleet:
                on_end: Callable[[AttemptEnd], None], on_proxy_lost: Callable[[str, list[str]], None],
                on_change: Callable[[Coordinator, Iterable[str]], None],
                on_progress: Callable[[str, int, int], None],
-               on_stream: Callable[[Assignment, StreamResult], None]) -> CeleryEngine:
+               on_stream: Callable[[Assignment, StreamResult], None], stall_seconds: float = 300.0) -> CeleryEngine:
         from vsphere_proxy.engine.celery_app import send_stream
 
         return CeleryEngine(lambda payload, proxy: send_stream(self.app, payload, proxy), self.ledger, self.client,
                             job_context=job_context, watch_every=min(1.0, self.config.heartbeat),
                             on_start=on_start, on_end=on_end, on_proxy_lost=on_proxy_lost, on_change=on_change,
-                            on_progress=on_progress, on_stream=on_stream)
+                            on_progress=on_progress, on_stream=on_stream, stall_seconds=stall_seconds,
+                            grace=self.config.idle_seconds)
 
     def drain(self, stall_seconds: float, out: Console | None = None) -> None:
         """Wait until the streams a stopped coordinator left are gone: each ends on its worker (attempts no one
@@ -86,6 +87,27 @@ class Fleet:
             time.sleep(0.25)
             held = self.ledger.job_active(self.job_id)
         self.client.delete(events_key(self.job_id))
+
+    def job_key(self, job_id: str) -> str:
+        return f"vsphere-proxy:job:{job_id}"
+
+    def hold_job(self, holder: str, seconds: float) -> bool:
+        """Take or renew the job's liveness lease in Redis (SET with a TTL); False when another holder has it."""
+        key = self.job_key(self.job_id)
+        current = self.client.get(key)
+        if current is not None and current.decode() != holder:
+            return False
+        self.client.set(key, holder, px=int(seconds * 1000))
+        return True
+
+    def take_job(self, holder: str, seconds: float) -> None:
+        self.client.set(self.job_key(self.job_id), holder, px=int(seconds * 1000))
+
+    def drop_job(self) -> None:
+        self.client.delete(self.job_key(self.job_id))
+
+    def job_live(self, job_id: str) -> bool:
+        return bool(self.client.exists(self.job_key(job_id)))
 
     def close(self) -> None:
         self.client.close()

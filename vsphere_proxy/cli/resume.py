@@ -53,9 +53,14 @@ class Earlier:
         job = catalog.job(job_id)
         if job is None:
             raise CommandError(f"--resume: job {job_id!r} is not in the catalog", EXIT_BAD_INPUT)
-        if job.status != "running":
+        if job.status not in ("running", "interrupted"):
             raise CommandError(f"--resume: job {job_id} already ended ({job.status}); nothing to take over",
                                EXIT_BAD_INPUT)
+        if catalog.live(job_id):
+            lease = catalog.lease(job_id)
+            holder = lease.holder if lease is not None else "?"
+            raise CommandError(f"--resume: job {job_id} is still running (its coordinator {holder} holds its "
+                               "lease); only a stopped job can be taken over", EXIT_BAD_INPUT)
         if job.name != config.job.name:
             raise CommandError(f"--resume: job {job_id} is a run of job {job.name!r}, not of {config.job.name!r}",
                                EXIT_BAD_INPUT)

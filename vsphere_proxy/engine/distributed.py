@@ -11,6 +11,7 @@ and, when streams were released anywhere (another job), lets the coordinator use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
+from vsphere_proxy.engine.embedded import Stop, describe
 from vsphere_proxy.engine.streams import AttemptEnd, StreamResult
 from vsphere_proxy.engine.worker import assignment_from_json, assignment_to_json, events_key, heartbeat_key
 
@@ -56,7 +58,9 @@ class CeleryEngine:
                  on_proxy_lost: Callable[[str, list[str]], None] | None = None,
                  on_change: Callable[[Coordinator, Iterable[str]], None] | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None,
-                 on_stream: Callable[[Assignment, StreamResult], None] | None = None) -> None:
+                 on_stream: Callable[[Assignment, StreamResult], None] | None = None,
+                 stall_seconds: float = 300.0, grace: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.send = send  # (payload, proxy): queue the stream on the proxy's worker
         self.ledger = ledger
         self.bus = bus  # redis.Redis: blpop, exists
@@ -70,6 +74,16 @@ class CeleryEngine:
         self.on_progress = on_progress  # (vm, disk, bytes read so far)
         self.on_stream = on_stream  # every stream as it ended on its worker (the window's bars)
         self.stats = DispatchStats()
+        self.stall_seconds = stall_seconds  # the watchdog: no event for this long while nothing runs ends the job
+        self.grace = grace  # how long an ending job waits for the workers to end its attempts
+        self.clock = clock
+        self.stopped: Stop | None = None
+        self._stop: Stop | None = None
+
+    def stop(self, reason: str, status: str = "interrupted") -> None:
+        """End the running job as soon as possible (safe from a signal handler: it only records)."""
+        if self._stop is None:
+            self._stop = Stop(reason, status)
 
     def run(self, coordinator: Coordinator) -> JobReport:
         job = coordinator.job.id
@@ -100,11 +114,11 @@ class CeleryEngine:
             if current is None or current.attempt != end.attempt:
                 return  # late: that attempt was stranded already (its proxy went down)
             del open_attempts[end.vm]
+            moved[0] = self.clock()
+            if end.fault:
+                self.stop(end.fault, "failed")
             if self.on_end is not None:
-                try:
-                    self.on_end(end)
-                except Exception:
-                    log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)
+                self.on_end(end)
             call(coordinator.on_complete, end.vm, end.ok, end.error, attempt=end.attempt)
             if self.on_change is not None:
                 self.on_change(coordinator, [end.vm])
@@ -119,11 +133,9 @@ class CeleryEngine:
                 ended(AttemptEnd.from_json(event["end"]))
                 return
             result = StreamResult.from_json(event["result"])
+            moved[0] = self.clock()
             if self.on_stream is not None and event.get("assignment") and result.started:
-                try:
-                    self.on_stream(assignment_from_json(event["assignment"]), result)
-                except Exception:
-                    log.exception("recording stream %s failed", result.stream)
+                self.on_stream(assignment_from_json(event["assignment"]), result)
             if event.get("sent") and event.get("started"):
                 self.stats.queue_ms.append(1000 * (float(event["started"]) - float(event["sent"])))
             if result.disk_done:
@@ -154,23 +166,67 @@ class CeleryEngine:
             proxies = {vm: a.proxy for vm, a in open_attempts.items()}
             self.ledger.renew_streams([s for s, vm, _ in coordinator.running() if proxies.get(vm) not in down])
 
-        watch(running=False)  # proxies without a worker are down before the first assignment
-        if self.on_change is not None:
-            self.on_change(coordinator, [vm.name for vm in coordinator.job.vms])
-        call(coordinator.start)
-        releases = self.ledger.releases()
-        last_watch = time.monotonic()
-        while not coordinator.done:
-            got = self.bus.blpop([key], timeout=self.tick)
-            if got is not None:
-                handle(json.loads(got[1]))
-                while not coordinator.done and (raw := self.bus.lpop(key)) is not None:  # what else came meanwhile
-                    handle(json.loads(raw))
-            if time.monotonic() - last_watch >= self.watch_every:
-                last_watch = time.monotonic()
-                watch()
-            now = self.ledger.releases()
-            if now != releases:
-                releases = now
-                call(coordinator.on_released)
+        def why_stop() -> Stop | None:
+            if self._stop is not None:
+                return self._stop
+            idle = self.clock() - moved[0]
+            if not coordinator.done and not open_attempts and idle > self.stall_seconds:
+                return Stop(f"the coordinator made no progress for {idle:.0f} s while no stream ran "
+                            f"(stall limit {self.stall_seconds:g} s)")
+            return None
+
+        moved = [self.clock()]
+        try:
+            watch(running=False)  # proxies without a worker are down before the first assignment
+            if self.on_change is not None:
+                self.on_change(coordinator, [vm.name for vm in coordinator.job.vms])
+            call(coordinator.start)
+            releases = self.ledger.releases()
+            last_watch = time.monotonic()
+            while not coordinator.done and (stop := why_stop()) is None:
+                got = self.bus.blpop([key], timeout=self.tick)
+                if got is not None:
+                    handle(json.loads(got[1]))
+                    while not coordinator.done and (raw := self.bus.lpop(key)) is not None:  # what came meanwhile
+                        handle(json.loads(raw))
+                if time.monotonic() - last_watch >= self.watch_every:
+                    last_watch = time.monotonic()
+                    watch()
+                now = self.ledger.releases()
+                if now != releases:
+                    releases = now
+                    call(coordinator.on_released)
+        except Exception as e:  # a recorder or the bus failed: the job ends with the reason, never a hang
+            log.exception("the distributed job failed")
+            self.stop(f"the job could not go on: {describe(e)}", "failed")
+        stop = why_stop()
+        if stop is not None and (not coordinator.done or open_attempts):
+            self._end_early(coordinator, stop, open_attempts, handle, key)
         return coordinator.report()
+
+    def _end_early(self, coordinator: Coordinator, stop: Stop, open_attempts: dict[str, Assignment],
+                   handle: Callable[[Mapping[str, Any]], None], key: str) -> None:
+        """Stop scheduling and give the job's streams up (their workers abort the attempts and clean up); wait
+        at most `grace` seconds for the workers' ends; clean up in vCenter what no worker reported."""
+        self.stopped = stop
+        log.warning("job %s ends %s: %s", coordinator.job.id, stop.status, stop.reason)
+        running = dict(open_attempts)
+        coordinator.abort(stop.reason, status=stop.status)  # releases every stream the job held
+        if self.on_change is not None:
+            with contextlib.suppress(Exception):
+                self.on_change(coordinator, list(running))
+        deadline = self.clock() + self.grace
+        while open_attempts and self.clock() < deadline:
+            try:
+                got = self.bus.blpop([key], timeout=self.tick)
+                if got is not None:
+                    handle(json.loads(got[1]))
+            except Exception:
+                log.exception("reading the workers' ends failed")
+                break
+        for proxy in sorted({a.proxy for a in open_attempts.values()}):
+            if self.on_proxy_lost is not None:
+                try:
+                    self.on_proxy_lost(proxy, sorted(vm for vm, a in open_attempts.items() if a.proxy == proxy))
+                except Exception:
+                    log.exception("cleaning up after proxy %s failed", proxy)
