@@ -148,3 +148,56 @@ def test_unknown_vm_proxy_and_bad_arguments(vcsim: Any, tmp_path: Path) -> None:
     assert r.returncode == 2 and "--round: must be 1 or more (got 0)" in r.stderr
     r = run("frobnicate")
     assert r.returncode == 2 and r.stderr.startswith("vsphere-proxy: error: argument command")
+
+
+def test_a_config_with_a_key_written_twice_is_exit_2_naming_it(vcsim: Any, tmp_path: Path) -> None:
+    text = vcsim.config_path.read_text()
+    doubled = tmp_path / "doubled.yaml"
+    doubled.write_text(text + "job: {name: other, select: {names: ['*']}}\n")
+    first = next(i for i, row in enumerate(text.splitlines(), 1) if row.startswith("job:"))
+    last = len(text.splitlines()) + 1
+    r = run("plan", "--config", str(doubled))
+    assert r.returncode == 2
+    assert r.stderr == (f"vsphere-proxy: error: {doubled}: not valid YAML at line {last}, column 1: duplicate key "
+                        f"'job' (first at line {first})\n")
+
+
+def _closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command with its stdout a pipe whose reader has gone away, as `... | head -1` leaves it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VSPHERE_")}
+    p = subprocess.Popen([sys.executable, "-m", "vsphere_proxy", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=base)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()
+    err = p.stderr.read()
+    code = p.wait(timeout=120)
+    return subprocess.CompletedProcess(p.args, code, "", err)
+
+
+@pytest.mark.parametrize("fmt", ["--json", "text"])
+def test_output_into_a_closed_pipe_ends_quietly(vcsim: Any, fmt: str) -> None:
+    scenario = Path(__file__).resolve().parents[1] / "testbed" / "scenarios" / "skewed.yaml"
+    for args in (("simulate", "--scenario", str(scenario)), ("discover", "--config", str(vcsim.config_path))):
+        r = _closed_stdout(*args, *([fmt] if fmt == "--json" else []))
+        assert (r.returncode, r.stderr) == (141, ""), args
+
+
+def test_json_piped_into_head_ends_quietly(vcsim: Any) -> None:
+    shell = (f"{sys.executable} -m vsphere_proxy discover --json --config {vcsim.config_path} | head -1; "
+             "echo \"exit ${PIPESTATUS[0]}\" >&2")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VSPHERE_")}
+    r = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=base, timeout=120, check=False)
+    assert r.stdout == "{\n"
+    assert r.stderr in ("exit 0\n", "exit 141\n"), r.stderr  # 0 if it all fitted in the pipe before head left
+
+
+def test_sigint_is_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from vsphere_proxy.cli import main, simulate
+
+    def interrupted(*_: Any, **__: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulate, "compare", interrupted)
+    scenario = Path(__file__).resolve().parents[1] / "testbed" / "scenarios" / "skewed.yaml"
+    assert main(["simulate", "--scenario", str(scenario)]) == 130
+    assert capsys.readouterr().err == "vsphere-proxy: interrupted\n"

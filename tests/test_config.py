@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vsphere_proxy.config import ConfigError, Credentials, load_config, parse_config
+from vsphere_proxy.config import ConfigError, Credentials, load_config, parse_config, read_yaml_mapping
 
 LUN = "naa.600a098038303053453f463045727a02"
 
@@ -132,3 +132,41 @@ def test_a_bad_policy_names_the_field(policy: dict[str, Any], message: str) -> N
     with pytest.raises(ConfigError) as e:
         parse_config(data, "c.yaml")
     assert str(e.value) == f"c.yaml: {message}"
+
+
+def test_a_key_written_twice_is_an_error_naming_the_key_and_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("vcenter: {url: https://vc.lab/sdk}\n"
+                    "proxies:\n"
+                    "  - name: proxy-prod\n"
+                    "    kind: vm\n"
+                    "    name: proxy-dev\n"
+                    "job: {name: nightly, select: {folders: [/]}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: not valid YAML at line 5, column 5: duplicate key 'name' (first at line 3)"
+    path.write_text(yaml.safe_dump(valid(), sort_keys=False) + "vcenter: {url: https://other.lab/sdk}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'vcenter' \(first at line 1\)"):
+        load_config(path)
+
+
+def test_merge_keys_and_keys_that_only_look_alike_are_not_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("vcenter: {url: https://vc.lab/sdk}\n"
+                    "proxies:\n"
+                    "  - &p {kind: vm, name: proxy-prod}\n"
+                    "  - {<<: *p, name: proxy-dev}\n"
+                    "job: {name: nightly, select: {folders: [/]}}\n")
+    assert [p.name for p in load_config(path).proxies] == ["proxy-prod", "proxy-dev"]  # merged keys may be overridden
+    path.write_text("{1: int, '1': str, 1.5: float}\n")
+    assert read_yaml_mapping(path, "anything") == {1: "int", "1": "str", 1.5: "float"}
+
+
+def test_a_credentials_file_with_a_key_written_twice_names_the_key_not_the_values(tmp_path: Path) -> None:
+    secret = tmp_path / "credentials.yaml"
+    secret.write_text("username: admin\npassword: first-secret\npassword: second-secret\n")
+    secret.chmod(0o600)
+    with pytest.raises(ConfigError) as e:
+        Credentials(file=secret).resolve({})
+    assert str(e.value) == (f"vcenter.credentials.file: {secret}: not valid YAML: duplicate key 'password' "
+                            "(first at line 2)")
