@@ -288,10 +288,13 @@ class StreamRunner:
             at.ended = True
         return self.close(at)
 
-    def end_all(self, error: str, grace: float, *, poll: float = 0.05) -> list[AttemptEnd]:
+    def end_all(self, error: str, grace: float, *, cleanup: float | None = None,
+                poll: float = 0.05) -> list[AttemptEnd]:
         """End every open attempt as failed with `error`: its streams stop at their next block (a hot-added disk
-        is detached as its stream leaves); after they left, or after `grace` seconds, each attempt is finished
-        (restore point dropped, snapshot removed). Returns the ends of the attempts it ended."""
+        is detached as its stream leaves); after they left, or after `grace` seconds, the attempts are finished
+        at once, each in its own thread (restore point dropped, snapshot removed), for at most `cleanup` seconds
+        (default `grace`). An attempt whose cleanup did not finish in time is reported with what it left behind.
+        Returns the ends of the attempts it ended."""
         with self.lock:
             ending = [at for at in self.attempts.values() if not at.ended]
             for at in ending:
@@ -301,7 +304,28 @@ class StreamRunner:
         deadline = self.clock() + grace
         while any(at.inflight for at in ending) and self.clock() < deadline:
             self.sleep(poll)
-        return [self.close(at) for at in ending]
+        ends: dict[int, AttemptEnd] = {}
+
+        def finish(i: int, at: Attempt) -> None:
+            ends[i] = self.close(at)
+
+        threads = [threading.Thread(target=finish, args=(i, at), name=f"cleanup-{at.vm}", daemon=True)
+                   for i, at in enumerate(ending)]
+        for t in threads:
+            t.start()
+        limit = grace if cleanup is None else cleanup
+        until = time.monotonic() + limit
+        for t in threads:
+            t.join(max(0.0, until - time.monotonic()))
+        out = []
+        for i, at in enumerate(ending):
+            if i in ends:
+                out.append(ends[i])
+                continue
+            what = f"snapshot of {at.vm} (attempt {at.attempt}): cleanup did not finish in {limit:g} s"
+            out.append(AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, False, at.error, at.bytes_read,
+                                  0, self.clock() - at.started, None, (), {}, "", (what,), at.fault))
+        return out
 
     def busy(self) -> bool:
         """Whether any attempt is open (a stream queued, reading, or its attempt being finished)."""
