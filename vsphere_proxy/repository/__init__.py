@@ -12,9 +12,11 @@ vSphere I/O. Typical use::
     repo.restore(manifest.id, 0, Path("disk0.img"))
 """
 
-from .check import ChunkProblem, DiskRef, PruneResult, VerifyReport
+from .check import ChunkProblem, DiskRef, PruneResult, QuarantinedChunk, VerifyReport
 from .format import (
     BLOCK_SIZE,
+    BaseDamaged,
+    BrokenPoint,
     DiskRecord,
     DiskStats,
     Manifest,
@@ -28,6 +30,8 @@ from .writer import DiskWriter, PointWriter
 
 __all__ = [
     "BLOCK_SIZE",
+    "BaseDamaged",
+    "BrokenPoint",
     "ChunkProblem",
     "DiskRecord",
     "DiskRef",
@@ -36,6 +40,7 @@ __all__ = [
     "Manifest",
     "PointWriter",
     "PruneResult",
+    "QuarantinedChunk",
     "Repository",
     "RepositoryError",
     "RepositoryFull",

@@ -1,4 +1,5 @@
-"""`verify` (re-read and re-hash every referenced chunk) and `prune` (delete what nothing references).
+"""`verify` (re-read and re-hash every referenced chunk, quarantine the corrupt ones) and `prune` (delete what
+nothing references).
 
 Both follow `docs/repository.md`: verify holds a shared lock, prune the exclusive one.
 """
@@ -9,12 +10,13 @@ import os
 from collections import defaultdict
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .chunks import ChunkCorrupt, ChunkMissing
+from .chunks import ChunkCorrupt, ChunkMissing, ChunkUnreadable
 from .files import fsync_dir, remove_quietly
-from .format import Manifest, RepositoryError, check_point_id, one_line
+from .format import BrokenPoint, Manifest, RepositoryError, check_point_id, one_line
 
 if TYPE_CHECKING:
     from .repo import Repository
@@ -33,23 +35,39 @@ class DiskRef:
 
 @dataclass(frozen=True, slots=True)
 class ChunkProblem:
-    """A referenced chunk that is missing or corrupt, and every disk of every restore point it breaks."""
+    """A referenced chunk that is missing or corrupt, and every disk of every restore point it breaks.
+
+    A corrupt chunk is quarantined by the verify that finds it (`quarantined`: where, relative to the repository;
+    "" if it could not be moved); from then on it is missing until a backup writes the same bytes again."""
 
     chunk: str
     kind: Literal["missing", "corrupt"]
     detail: str
     used_by: tuple[DiskRef, ...]
+    quarantined: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedChunk:
+    """A quarantined chunk file (relative to the repository), and whether its chunk has been written again."""
+
+    chunk: str
+    path: str
+    rewritten: bool
 
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    points: int
+    points: int  # readable restore points checked
     chunks: int  # distinct chunks checked
     problems: tuple[ChunkProblem, ...]
+    broken_points: tuple[BrokenPoint, ...] = ()  # manifests that cannot be read, with the reason
+    quarantine: tuple[QuarantinedChunk, ...] = ()  # every quarantined chunk file, after this run
+    vms: dict[str, str] = field(default_factory=dict)  # restore point id -> VM name, for the points in `broken`
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.broken_points
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -61,18 +79,31 @@ class VerifyReport:
 
     @property
     def broken(self) -> dict[str, tuple[int, ...]]:
-        """Restore point id -> the indexes of its disks that cannot be restored."""
+        """Restore point id -> the indexes of its disks that cannot be restored (readable points only)."""
         disks: dict[str, set[int]] = defaultdict(set)
         for problem in self.problems:
             for ref in problem.used_by:
                 disks[ref.point].add(ref.disk)
         return {point: tuple(sorted(d)) for point, d in sorted(disks.items())}
 
+    @property
+    def damaged(self) -> tuple[str, ...]:
+        """Every restore point that cannot be restored in full: those with missing or corrupt chunks and the
+        broken ones, by id."""
+        return tuple(sorted({*self.broken, *(b.id for b in self.broken_points)}))
+
     def summary(self) -> str:
+        checked = f"{self.points} restore points, {self.chunks} chunks"
         if self.ok:
-            return f"{self.points} restore points, {self.chunks} chunks: no errors"
-        return (f"{self.points} restore points, {self.chunks} chunks: {len(self.missing)} missing, "
-                f"{len(self.corrupt)} corrupt; restore points broken: {', '.join(self.broken)}")
+            return f"{checked}: no errors"
+        parts = []
+        if self.problems:
+            parts.append(f"{len(self.missing)} missing, {len(self.corrupt)} corrupt; "
+                         f"restore points broken: {', '.join(self.broken)}")
+        if self.broken_points:
+            parts.append(f"{len(self.broken_points)} unreadable manifest(s): "
+                         f"{', '.join(b.id for b in self.broken_points)}")
+        return f"{checked}: " + "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,45 +113,62 @@ class PruneResult:
     bytes_removed: int
     chunks_kept: int
     tmp_removed: int
+    quarantine_removed: int = 0
 
 
 def verify(repo: Repository, workers: int = 4) -> VerifyReport:
-    """Read every chunk referenced by any restore point once, decompress it and check its SHA-256."""
+    """Read every chunk referenced by any readable restore point once, decompress it and check its SHA-256;
+    quarantine the corrupt ones; report them, the missing ones and the broken points."""
     with repo.lock("shared", "verify"):
-        manifests = repo.points()
+        manifests, broken_points = repo.scan()
         users = _references(manifests)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             outcomes = list(pool.map(lambda chunk: _check(repo, chunk, users[chunk][0]), users))
+        quarantine = tuple(QuarantinedChunk(q.chunk, str(q.path.relative_to(repo.path)), q.rewritten)
+                           for q in repo.chunks.quarantined())
     problems = tuple(
-        ChunkProblem(chunk, kind, detail, tuple(sorted(users[chunk][1])))
-        for chunk, (kind, detail) in zip(users, outcomes, strict=True)
+        ChunkProblem(chunk, kind, detail, tuple(sorted(users[chunk][1])), moved)
+        for chunk, (kind, detail, moved) in zip(users, outcomes, strict=True)
         if kind is not None
     )
-    return VerifyReport(points=len(manifests), chunks=len(users), problems=problems)
+    hit = {ref.point for p in problems for ref in p.used_by}
+    return VerifyReport(points=len(manifests), chunks=len(users), problems=problems,
+                        broken_points=tuple(broken_points), quarantine=quarantine,
+                        vms={m.id: m.vm.name for m in manifests if m.id in hit})
 
 
 def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
-    """Delete the restore points in `forget`, then every chunk no remaining point references, then `tmp/`."""
+    """Delete the restore points in `forget` (broken ones included), then every chunk no remaining point references
+    and the quarantined files no longer needed, then `tmp/`. Refused while a remaining point is broken: its
+    references are unknown."""
     forget = sorted(set(forget))
     with repo.lock("exclusive", "prune"):
+        for point_id in forget:  # refuse unknown ids before deleting anything
+            if not (repo.points_dir / f"{check_point_id(point_id)}.json").exists():
+                raise RepositoryError(f"no restore point {point_id} in {repo.path}")
         for point_id in forget:
-            repo.manifest(point_id)  # refuse unknown ids before deleting anything
-        for point_id in forget:
-            (repo.points_dir / f"{check_point_id(point_id)}.json").unlink()
+            (repo.points_dir / f"{point_id}.json").unlink()
         if forget:
             fsync_dir(repo.points_dir)
-        live = set().union(*(m.chunks() for m in repo.points()))
+        manifests, broken = repo.scan()
+        if broken:
+            first = broken[0]
+            more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+            raise RepositoryError(f"prune: restore point {first.id} is broken ({first.reason}){more}; its chunks "
+                                  "are unknown, so nothing is deleted: forget it first")
+        live = set().union(*(m.chunks() for m in manifests))
         removed = removed_bytes = kept = 0
         for chunk, path in repo.chunks.walk():
             if chunk in live:
                 kept += 1
                 continue
-            try:
-                removed_bytes += path.stat().st_size
-                path.unlink()
-            except OSError as exc:
-                raise RepositoryError(f"prune: cannot remove {path}: {one_line(exc)}") from None
+            removed_bytes += _remove(path)
             removed += 1
+        quarantine = 0
+        for q in repo.chunks.quarantined():
+            if q.rewritten or q.chunk not in live:
+                removed_bytes += _remove(q.path)
+                quarantine += 1
         tmp = 0
         with os.scandir(repo.scratch) as entries:
             for entry in entries:
@@ -128,7 +176,17 @@ def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
                     remove_quietly(repo.scratch / entry.name)
                     tmp += 1
     return PruneResult(points_removed=len(forget), chunks_removed=removed, bytes_removed=removed_bytes,
-                       chunks_kept=kept, tmp_removed=tmp)
+                       chunks_kept=kept, tmp_removed=tmp, quarantine_removed=quarantine)
+
+
+def _remove(path: Path) -> int:
+    """Delete a file of the chunk store; its size."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except OSError as exc:
+        raise RepositoryError(f"prune: cannot remove {path}: {one_line(exc)}") from None
+    return size
 
 
 def _references(manifests: list[Manifest]) -> dict[str, tuple[int, set[DiskRef]]]:
@@ -142,13 +200,15 @@ def _references(manifests: list[Manifest]) -> dict[str, tuple[int, set[DiskRef]]
     return users
 
 
-def _check(repo: Repository, chunk: str, length: int) -> tuple[Literal["missing", "corrupt"] | None, str]:
+def _check(repo: Repository, chunk: str, length: int) -> tuple[Literal["missing", "corrupt"] | None, str, str]:
+    """(kind of damage or None, detail, where a corrupt chunk was quarantined)."""
     try:
         repo.chunks.get(chunk, length)
     except ChunkMissing as exc:
-        return "missing", str(exc)
+        return "missing", str(exc), ""
     except ChunkCorrupt as exc:
-        return "corrupt", str(exc)
-    except OSError as exc:
-        return "corrupt", f"chunk {chunk} is unreadable: {one_line(exc)}"
-    return None, ""
+        moved = str(exc.quarantined.relative_to(repo.path)) if exc.quarantined is not None else ""
+        return "corrupt", str(exc), moved
+    except ChunkUnreadable as exc:
+        return "corrupt", str(exc), ""
+    return None, "", ""

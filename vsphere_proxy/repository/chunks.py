@@ -1,13 +1,15 @@
 """The chunk store: `chunks/<2 hex>/<64 hex>`, one zstd frame per chunk, named by the SHA-256 of its content.
 
-`put` deduplicates and writes atomically; `get` decompresses and checks the content against the name.
-Both are safe to call from many threads at once, including for the same chunk.
+`put` deduplicates and writes atomically; `get` decompresses and checks the content against the name, and moves a
+chunk that fails the check aside (`<id>.<n>.bad`, quarantined) so that it counts as absent and the next `put` of
+the same bytes writes it again. All are safe to call from many threads at once, including for the same chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import zstandard
 
-from .files import remove_quietly, scratch_name
+from .files import full_error, is_full, remove_quietly, scratch_name
 from .format import ZSTD_LEVEL, RepositoryError, one_line
+
+_BAD = re.compile(r"^([0-9a-f]{64})\.(\d+)\.bad$")
 
 _local = threading.local()
 
@@ -48,26 +52,51 @@ class Stored:
 
 
 class ChunkCorrupt(RepositoryError):
-    """A chunk file exists but does not hold the content its name promises."""
+    """A chunk file exists but does not hold the content its name promises; `quarantined` is where it was moved
+    (None if it could not be moved)."""
+
+    def __init__(self, message: str, quarantined: Path | None = None) -> None:
+        super().__init__(message)
+        self.quarantined = quarantined
+
+
+class ChunkUnreadable(RepositoryError):
+    """A chunk file that cannot be read (an I/O error); it is left in place."""
 
 
 class ChunkMissing(RepositoryError):
-    """A referenced chunk file does not exist."""
+    """A referenced chunk file does not exist (never written, deleted, or quarantined)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A quarantined chunk file: the chunk it was, where it lies, and whether the chunk has been written again."""
+
+    chunk: str
+    path: Path
+    rewritten: bool
 
 
 class ChunkStore:
-    def __init__(self, root: Path, scratch: Path) -> None:
+    def __init__(self, root: Path, scratch: Path, repository: Path | None = None) -> None:
+        """`repository`: the directory named in `RepositoryFull` messages (default: `root`'s parent)."""
         self.root = root
         self.scratch = scratch
+        self.repository = repository or root.parent
 
     def path(self, chunk: str) -> Path:
         return self.root / chunk[:2] / chunk
+
+    def present(self, chunk: str) -> bool:
+        """True if the chunk's file exists (a quarantined copy does not count)."""
+        return self.path(chunk).exists()
 
     def put(self, data: bytes) -> Stored:
         """Store one block's bytes unless a chunk with the same content exists. Returns its id and the bytes written.
 
         The file is fully written and fsynced before it appears under its name; the caller fsyncs the chunk
-        directory (`path(chunk).parent`) before publishing anything that references it.
+        directory (`path(chunk).parent`) before publishing anything that references it. A write that fails for
+        want of space raises `RepositoryFull`.
         """
         chunk = hashlib.sha256(data).hexdigest()
         final = self.path(chunk)
@@ -81,34 +110,79 @@ class ChunkStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)  # a concurrent writer of the same chunk renames identical content: harmless
-        except BaseException:
+        except BaseException as exc:
+            full = full_error(self.repository) if is_full(exc) else None  # counted before the scratch file goes
             remove_quietly(tmp)
+            if full is not None:
+                raise full from None
             raise
         return Stored(chunk, len(frame))
 
     def get(self, chunk: str, length: int) -> bytes:
-        """The chunk's content, checked: `length` bytes whose SHA-256 is `chunk`."""
+        """The chunk's content, checked: `length` bytes whose SHA-256 is `chunk`. A chunk that fails the check is
+        quarantined before `ChunkCorrupt` is raised."""
+        path = self.path(chunk)
         try:
-            frame = self.path(chunk).read_bytes()
+            with open(path, "rb") as f:
+                seen = os.fstat(f.fileno())
+                frame = f.read()
         except FileNotFoundError:
-            raise ChunkMissing(f"chunk {chunk} is missing") from None
+            raise ChunkMissing(f"chunk {chunk} is missing{self._quarantine_note(chunk)}") from None
+        except OSError as exc:  # an I/O error says nothing of the content: the file stays where it is
+            raise ChunkUnreadable(f"chunk {chunk} is unreadable: {one_line(exc)}") from None
+        problem = _check(frame, chunk, length)
+        if isinstance(problem, bytes):
+            return problem
+        moved: Path | None = None
         try:
-            size = zstandard.frame_content_size(frame)
-        except zstandard.ZstdError as exc:
-            raise ChunkCorrupt(f"chunk {chunk} is corrupt: {one_line(exc)}") from None
-        if size != length:
-            held = "an unknown number of" if size < 0 else size
-            raise ChunkCorrupt(f"chunk {chunk} is corrupt: frame holds {held} bytes, expected {length}")
+            moved = self.quarantine(chunk, seen)
+            where = f"; quarantined as {moved.relative_to(self.repository)}" if moved else ""
+        except OSError as exc:
+            where = f"; could not quarantine it: {one_line(exc)}"
+        raise ChunkCorrupt(f"chunk {chunk} is corrupt: {problem}{where}", moved)
+
+    def quarantine(self, chunk: str, seen: os.stat_result | None = None) -> Path | None:
+        """Move the chunk's file aside to `<id>.<n>.bad` (the first free `n`), so it counts as absent. With `seen`
+        (the stat of the file found corrupt), a file that is no longer that one — written again meanwhile — stays.
+        Returns the new path, or None if nothing was moved. OSError if the rename fails."""
+        path = self.path(chunk)
         try:
-            data = _decompressor().decompress(frame)
-        except zstandard.ZstdError as exc:
-            raise ChunkCorrupt(f"chunk {chunk} is corrupt: {one_line(exc)}") from None
-        if len(data) != length or hashlib.sha256(data).hexdigest() != chunk:
-            raise ChunkCorrupt(f"chunk {chunk} is corrupt: content does not match its SHA-256")
-        return data
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return None  # quarantined meanwhile by another reader
+        if seen is not None and _identity(now) != _identity(seen):
+            return None
+        n = 0
+        while (bad := path.with_name(f"{chunk}.{n}.bad")).exists():
+            n += 1
+        try:
+            os.rename(path, bad)
+        except FileNotFoundError:
+            return None  # quarantined meanwhile by another reader
+        return bad
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every quarantined chunk file, sorted by path."""
+        found = []
+        for shard in sorted(self.root.iterdir()):
+            if not shard.is_dir():
+                continue
+            with os.scandir(shard) as entries:
+                bad = [(m.group(1), Path(e.path)) for e in entries if (m := _BAD.match(e.name))]
+            found += [Quarantined(chunk, path, self.present(chunk)) for chunk, path in bad]
+        return sorted(found, key=lambda q: q.path)
+
+    def _quarantine_note(self, chunk: str) -> str:
+        try:
+            copies = sorted((int(m.group(2)), p) for p in self.path(chunk).parent.glob(f"{chunk}.*.bad")
+                            if (m := _BAD.match(p.name)))
+        except OSError:
+            return ""
+        return f" (quarantined as {copies[-1][1].relative_to(self.repository)})" if copies else ""
 
     def walk(self) -> Iterator[tuple[str, Path]]:
-        """Every chunk file present, as (chunk id, path); files that are not chunks are skipped."""
+        """Every chunk file present, as (chunk id, path); files that are not chunks (quarantined ones included)
+        are skipped."""
         for shard in sorted(self.root.iterdir()):
             if not shard.is_dir():
                 continue
@@ -116,3 +190,26 @@ class ChunkStore:
                 for entry in entries:
                     if len(entry.name) == 64 and entry.name.startswith(shard.name) and entry.is_file():
                         yield entry.name, Path(entry.path)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells one file from another put under the same name, even on a reused inode."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _check(frame: bytes, chunk: str, length: int) -> bytes | str:
+    """The frame's content if it is `length` bytes hashing to `chunk`, else what is wrong with it."""
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        return one_line(exc)
+    if size != length:
+        held = "an unknown number of" if size < 0 else size
+        return f"frame holds {held} bytes, expected {length}"
+    try:
+        data = _decompressor().decompress(frame)
+    except zstandard.ZstdError as exc:
+        return one_line(exc)
+    if len(data) != length or hashlib.sha256(data).hexdigest() != chunk:
+        return "content does not match its SHA-256"
+    return data

@@ -10,7 +10,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -39,6 +39,18 @@ class RepositoryLocked(RepositoryError):
 class RepositoryFull(RepositoryError, JobFault):
     """The repository's file system has no room left: "repository full: N bytes free on /path". It ends the job:
     no other VM could be written either."""
+
+
+class BaseDamaged(RepositoryError):
+    """The base restore point given for a disk lost chunks (quarantined or missing): keeping its blocks would make
+    the new point broken too, so the disk must be written in full (which stores the lost chunks again)."""
+
+
+class BrokenPoint(NamedTuple):
+    """A manifest that cannot be used: its restore point id (the file name) and what is wrong with it."""
+
+    id: str
+    reason: str
 
 
 class _Record(BaseModel):

@@ -5,10 +5,12 @@ The on-disk format and its rules are in `docs/repository.md`; verify and prune l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,8 +19,10 @@ from typing import Any, BinaryIO
 
 from .check import PruneResult, VerifyReport, prune, verify
 from .chunks import ChunkStore
-from .files import fsync_dir, remove_quietly, write_atomic
+from .files import fsync_dir, full_error, is_full, remove_quietly, scratch_name
 from .format import (
+    POINT_ID,
+    BrokenPoint,
     DiskRecord,
     Manifest,
     RepoConfig,
@@ -30,10 +34,14 @@ from .format import (
     read_record,
     zeros,
 )
-from .locks import Kind, Lock
+from .locks import LOCK_FILE, Kind, Lock, ensure_lock_file
 from .writer import PointWriter, check_config
 
 _DIRS = ("chunks", "points", "tmp", "locks")
+# What a directory may hold for `init` to make it a repository: what an interrupted (or concurrent) `init` leaves,
+# and the `lost+found` of a file system's root.
+_INIT_MAY_FIND = frozenset({*_DIRS, "config", "lost+found"})
+_CONFIG_SETTLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +62,7 @@ class Repository:
         self.scratch = path / "tmp"
         self.points_dir = path / "points"
         self.locks_dir = path / "locks"
-        self.chunks = ChunkStore(path / "chunks", self.scratch)
+        self.chunks = ChunkStore(path / "chunks", self.scratch, path)
 
     @property
     def block_size(self) -> int:
@@ -63,26 +71,59 @@ class Repository:
     @classmethod
     def init(cls, path: Path | str) -> Repository:
         """Create a repository in `path` (created if absent, or an empty directory). An existing repository is
-        opened instead; any other non-empty directory is refused."""
+        opened instead; any other non-empty directory is refused.
+
+        Safe to run from many processes (and threads) at once on the same path: all of them end up with the same
+        repository (`docs/repository.md`, "Initialisation").
+        """
         path = Path(path)
         if (path / "config").exists():
             return cls.open(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RepositoryError(f"{path}: not empty and not a repository; refusing to initialise it")
+        if path.exists() and not path.is_dir():
+            raise RepositoryError(f"{path}: not a directory; refusing to initialise it")
         try:
-            for name in _DIRS:
-                (path / name).mkdir(parents=True, exist_ok=True)
-            for i in range(256):
-                (path / "chunks" / f"{i:02x}").mkdir(exist_ok=True)
-            config = RepoConfig(id=secrets.token_hex(16), created=datetime.now(UTC))
-            write_atomic(path / "config", dump_record(config), path / "tmp", sync_dir=True)
+            foreign = sorted(set(os.listdir(path)) - _INIT_MAY_FIND) if path.is_dir() else []
         except OSError as exc:
             raise RepositoryError(f"{path}: cannot initialise a repository: {one_line(exc)}") from None
-        return cls(path, config)
+        if foreign:
+            raise RepositoryError(f"{path}: not empty and not a repository (holds {foreign[0]!r}); "
+                                  "refusing to initialise it")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for name in _DIRS:
+                (path / name).mkdir(exist_ok=True)
+            for i in range(256):
+                (path / "chunks" / f"{i:02x}").mkdir(exist_ok=True)
+            problem = ensure_lock_file(path / "locks")
+            if problem is not None:
+                raise problem
+            config = RepoConfig(id=secrets.token_hex(16), created=datetime.now(UTC))
+            won = _publish_config(path, dump_record(config))
+        except OSError as exc:
+            if is_full(exc):
+                raise full_error(path) from None
+            raise RepositoryError(f"{path}: cannot initialise a repository: {one_line(exc)}") from None
+        return cls(path, config) if won else cls._open_settled(path)
+
+    @classmethod
+    def _open_settled(cls, path: Path) -> Repository:
+        """Open a repository another process is initialising: its `config` may be seen before it is whole where it
+        is written in place (file systems without hard links)."""
+        deadline = time.monotonic() + _CONFIG_SETTLE_SECONDS
+        while True:
+            try:
+                return cls.open(path)
+            except RepositoryError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     @classmethod
     def open(cls, path: Path | str) -> Repository:
-        """Open an existing repository; one-line `RepositoryError` if it is missing or of an unknown version."""
+        """Open an existing repository; one-line `RepositoryError` if it is missing or of an unknown version.
+
+        A repository made before the lock file existed gets one, where the file system allows it.
+        """
         path = Path(path)
         if not path.is_dir():
             raise RepositoryError(f"{path}: no such repository")
@@ -90,10 +131,13 @@ class Repository:
         for name in _DIRS:
             if not (path / name).is_dir():
                 raise RepositoryError(f"{path}: not a complete repository (no {name}/)")
+        if not (path / "locks" / LOCK_FILE).exists():
+            ensure_lock_file(path / "locks")  # where it cannot be created, shared locks lock nothing (read-only)
         return cls(path, config)
 
     def lock(self, kind: Kind, purpose: str) -> Lock:
-        return Lock.take(self.locks_dir, self.scratch, kind, purpose)
+        """Take a shared or the exclusive lock, or fail at once with `RepositoryLocked` naming the holder."""
+        return Lock.take(self.locks_dir, kind, purpose)
 
     # -- writing --------------------------------------------------------------------------------------------------
 
@@ -112,24 +156,59 @@ class Repository:
     # -- reading --------------------------------------------------------------------------------------------------
 
     def manifest(self, point_id: str) -> Manifest:
+        """The restore point's manifest; a one-line `RepositoryError` if there is none, or naming the point and the
+        damage if it is broken."""
         path = self.points_dir / f"{check_point_id(point_id)}.json"
         if not path.exists():
             raise RepositoryError(f"no restore point {point_id} in {self.path}")
+        try:
+            return self._read_manifest(point_id)
+        except _Gone:
+            raise RepositoryError(f"no restore point {point_id} in {self.path}") from None
+        except RepositoryError as exc:
+            raise RepositoryError(f"restore point {point_id} is broken: {exc}") from None
+
+    def _read_manifest(self, point_id: str) -> Manifest:
+        path = self.points_dir / f"{point_id}.json"
+        if not (self.points_dir / f"{point_id}.json").exists():
+            raise _Gone(point_id)
         manifest = read_record(path, Manifest)
         if manifest.id != point_id:
             raise RepositoryError(f"{path}: holds restore point {manifest.id}, not {point_id}")
         return manifest
 
     def point_ids(self) -> list[str]:
+        """The ids of every manifest file, readable or not."""
         return sorted(p.name.removesuffix(".json") for p in self.points_dir.glob("*.json"))
 
+    def scan(self) -> tuple[list[Manifest], list[BrokenPoint]]:
+        """Every readable restore point (oldest first) and every broken one (by id), read once."""
+        found: list[Manifest] = []
+        broken: list[BrokenPoint] = []
+        for point_id in self.point_ids():
+            if not POINT_ID.match(point_id):
+                broken.append(BrokenPoint(point_id, f"{point_id}.json: not a restore point id"))
+                continue
+            try:
+                found.append(self._read_manifest(point_id))
+            except _Gone:
+                continue  # pruned while we looked
+            except RepositoryError as exc:
+                broken.append(BrokenPoint(point_id, str(exc).removeprefix(f"{self.points_dir / point_id}.json: ")))
+        return sorted(found, key=lambda m: (m.started, m.id)), broken
+
     def points(self, vm: str | None = None) -> list[Manifest]:
-        """Restore points, oldest first, optionally only those of the VM named `vm`."""
-        found = [self.manifest(i) for i in self.point_ids()]
-        return sorted((m for m in found if vm is None or m.vm.name == vm), key=lambda m: (m.started, m.id))
+        """Restore points, oldest first, optionally only those of the VM named `vm`. Broken points (manifests that
+        cannot be read) are left out: `broken_points` lists them."""
+        found, _ = self.scan()
+        return [m for m in found if vm is None or m.vm.name == vm]
+
+    def broken_points(self) -> list[BrokenPoint]:
+        """Every manifest that cannot be used, as (point id, reason), by id. Whose VM it was is not reliably known."""
+        return self.scan()[1]
 
     def latest(self, vm: str) -> Manifest | None:
-        """The VM's most recent restore point, or None."""
+        """The VM's most recent readable restore point, or None."""
         points = self.points(vm)
         return points[-1] if points else None
 
@@ -199,7 +278,7 @@ class Repository:
                 digest.update(hole)
                 continue
             try:
-                data = self.chunks.get(chunk, length)
+                data = self.chunks.get(chunk, length)  # a corrupt chunk is quarantined on the way
             except RepositoryError as exc:
                 raise RepositoryError(f"cannot restore {point_id} disk {disk.index} block {block}: {exc}") from None
             f.write(data)
@@ -209,8 +288,8 @@ class Repository:
     # -- maintenance ----------------------------------------------------------------------------------------------
 
     def verify(self, workers: int = 4) -> VerifyReport:
-        """Re-read, decompress and re-hash every referenced chunk; report missing and corrupt ones and what they
-        break."""
+        """Re-read, decompress and re-hash every referenced chunk; quarantine corrupt ones; report missing and corrupt
+        chunks and what they break, and the broken points."""
         return verify(self, workers)
 
     def prune(self, forget: Collection[str] = ()) -> PruneResult:
@@ -218,3 +297,40 @@ class Repository:
         references, and stale files in `tmp/`."""
         return prune(self, forget)
 
+
+
+class _Gone(RepositoryError):
+    """A manifest that was listed and is no longer there (pruned meanwhile)."""
+
+
+def _publish_config(path: Path, record: bytes) -> bool:
+    """Make `path/config` hold `record` unless a concurrent `init` got there first; True if ours won.
+
+    The record is written whole to `tmp/` and hard-linked into place, which fails if `config` exists; on a file
+    system without hard links it is created with O_EXCL and written in place.
+    """
+    tmp = scratch_name(path / "tmp", "config-")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path / "config")
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            try:
+                fd = os.open(path / "config", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with open(fd, "wb") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        remove_quietly(tmp)
+    fsync_dir(path)
+    return True

@@ -2,7 +2,8 @@
 
 A writer holds a shared repository lock from `Repository.begin` until `commit` or `abort`. Disks of one point,
 and points of one repository, may be written from many threads at once; the heavy work (hash, compress, write)
-runs outside any lock.
+runs outside any lock. A repository that runs out of space ends the point: it is aborted (no manifest, lock
+released) and every later call on it raises the same `RepositoryFull`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 from .chunks import ChunkStore
 from .files import fsync_dir, write_atomic
 from .format import (
+    BaseDamaged,
     DiskRecord,
     DiskStats,
     Manifest,
     RepositoryError,
+    RepositoryFull,
     VmIdentity,
     block_count,
     block_length,
@@ -64,7 +67,11 @@ class DiskWriter:
         if data == zeros(expected):
             entry, counts = None, {"zero_blocks": 1}
         else:
-            stored = self._point._store.put(data)
+            try:
+                stored = self._point._store.put(data)
+            except RepositoryFull as exc:
+                self._point._fail(exc)
+                raise
             entry = stored.chunk
             if stored.new:
                 self._point._touched(self._point._store.path(stored.chunk).parent)
@@ -139,11 +146,13 @@ class PointWriter:
         self._dirs: set[Path] = set()
         self._state_lock = threading.Lock()
         self._state = "open"
+        self._fault: RepositoryFull | None = None
 
     def disk(self, index: int, label: str, capacity: int, base: Manifest | None = None,
              change_id: str | None = None) -> DiskWriter:
         """Add a disk of `capacity` bytes. With `base` (an earlier point of the same VM), `keep` may reuse its
-        entries for the disk with the same index."""
+        entries for the disk with the same index; `BaseDamaged` if that disk of `base` lost chunks (quarantined or
+        missing): the disk must then be added without a base and written in full."""
         self._check_open()
         if index < 0 or capacity < 0:
             raise RepositoryError(f"disk {index}: index and capacity must not be negative")
@@ -157,6 +166,11 @@ class PointWriter:
             base_disk = next((d for d in base.disks if d.index == index), None)
             if base_disk is not None and base_disk.block_size != self._block_size:
                 raise RepositoryError(f"base restore point {base.id} disk {index} uses another block size")
+            if base_disk is not None:
+                lost = sorted(c for c in set(base_disk.blocks) if c is not None and not self._store.present(c))
+                if lost:
+                    raise BaseDamaged(f"base restore point {base.id} disk {index} lost {len(lost)} chunk(s) "
+                                      f"(quarantined or missing, first {lost[0]}); write the disk in full")
         with self._state_lock:
             if index in self._disks:
                 raise RepositoryError(f"disk {index} added twice to restore point {self.id}")
@@ -172,10 +186,15 @@ class PointWriter:
             disks = tuple(self._disks[i].record() for i in sorted(self._disks))
             manifest = Manifest(id=self.id, job_id=self.job_id, vm=self.vm, config=self.config,
                                 started=self.started, ended=ended, disks=disks)
-            for directory in sorted(self._dirs):
-                fsync_dir(directory)
-            write_atomic(self._points / f"{self.id}.json", dump_record(manifest), self._scratch, sync_dir=True,
-                         stem="point-")
+            try:
+                for directory in sorted(self._dirs):
+                    fsync_dir(directory)
+                write_atomic(self._points / f"{self.id}.json", dump_record(manifest), self._scratch, sync_dir=True,
+                             stem="point-", repository=self._store.repository)
+            except RepositoryFull as exc:
+                self._fault = exc
+                self._close("aborted")
+                raise
             self._close("committed")
         return manifest
 
@@ -197,7 +216,16 @@ class PointWriter:
 
     def _check_open(self) -> None:
         if self._state != "open":
+            if self._fault is not None:
+                raise RepositoryFull(str(self._fault))
             raise RepositoryError(f"restore point {self.id} is already {self._state}")
+
+    def _fail(self, fault: RepositoryFull) -> None:
+        """The repository is full: drop the point (no manifest, lock released); later calls raise `fault` again."""
+        with self._state_lock:
+            if self._state == "open":
+                self._fault = fault
+                self._close("aborted")
 
     def _touched(self, directory: Path) -> None:
         with self._state_lock:
