@@ -378,7 +378,9 @@ def print_report(report: BackupReport) -> None:
             out.print(f"{v.vm}: {note}", soft_wrap=True)
     for what, items in (("removed left-behind snapshots", data["swept"]["snapshots"]),
                         ("detached left-behind disks", data["swept"]["attached_disks"]),
-                        (styled("cleanup errors", "red"), data["swept"]["errors"])):
+                        (styled("cleanup errors", "red"), data["swept"]["errors"]),
+                        (styled("left behind (the next job's sweep removes them)", "red"), data["left_behind"]),
+                        (styled("job errors", "red"), data["problems"])):
         if items:
             out.print(line(what, f": {', '.join(items)}"), soft_wrap=True)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items()))
