@@ -60,7 +60,7 @@ def print_report(report: VerifyReport) -> None:
     for broken in report.broken_points:
         out.print(line("  ", broken.id, ": broken: ", broken.reason), soft_wrap=True)
     for problem in report.problems:
-        out.print(line("  ", problem.kind, " ", problem.detail), soft_wrap=True)
+        out.print(line("  ", problem.detail), soft_wrap=True)  # "chunk <id> is missing|corrupt: ..."
     waiting = [q for q in report.quarantine if not q.rewritten]
     if report.quarantine:
         out.print(line(f"quarantined chunk files: {len(report.quarantine)} ({len(waiting)} not written again "

@@ -170,9 +170,12 @@ class Repository:
 
     def _read_manifest(self, point_id: str) -> Manifest:
         path = self.points_dir / f"{point_id}.json"
-        if not (self.points_dir / f"{point_id}.json").exists():
-            raise _Gone(point_id)
-        manifest = read_record(path, Manifest)
+        try:
+            manifest = read_record(path, Manifest)
+        except RepositoryError:
+            if not path.exists():
+                raise _Gone(point_id) from None
+            raise
         if manifest.id != point_id:
             raise RepositoryError(f"{path}: holds restore point {manifest.id}, not {point_id}")
         return manifest
@@ -293,10 +296,10 @@ class Repository:
         return verify(self, workers)
 
     def prune(self, forget: Collection[str] = ()) -> PruneResult:
-        """Under the exclusive lock: delete the restore points in `forget`, every chunk no remaining point
-        references, and stale files in `tmp/`."""
+        """Under the exclusive lock: delete the restore points in `forget` (broken ones included), every chunk no
+        remaining point references, the quarantined chunk files no longer needed, and stale files in `tmp/`.
+        Refused while a remaining point is broken."""
         return prune(self, forget)
-
 
 
 class _Gone(RepositoryError):
