@@ -152,3 +152,24 @@ def test_a_failed_attempt_drops_the_point_and_releases_the_snapshot_once(tmp_pat
     assert session.finish(False).point_id is None
     assert session.finish(True).point_id is None  # idempotent: the first outcome stands
     assert snapshotter.made[0].released == 1 and repo.points() == []
+
+
+def test_an_incremental_over_a_quarantined_chunk_reads_the_disk_in_full_and_heals_it(tmp_path: Path) -> None:
+    sizes = [3 * BLOCK]
+    data = _write(tmp_path, sizes)
+    repo = Repository.init(tmp_path / "repo")
+    vm = _vm(sizes)
+    first = _run(RepositoryPreparer(LocalSnapshotter(tmp_path, sizes, ["e/0"]), repo, "j1", {"vm": vm})
+                 .prepare(_assignment()), 1)
+    chunk = repo.manifest(first.point_id).disks[0].blocks[1]
+    assert chunk is not None
+    stored = repo.chunks.path(chunk)
+    stored.write_bytes(stored.read_bytes()[:-1] + bytes([stored.read_bytes()[-1] ^ 0xFF]))  # one byte flipped
+    assert not repo.verify().ok  # found, and quarantined
+    snapshotter = LocalSnapshotter(tmp_path, sizes, ["e/1"], areas=[])  # CBT: nothing changed
+    second = _run(RepositoryPreparer(snapshotter, repo, "j2", {"vm": vm}).prepare(_assignment()), 1)
+    assert second.read.startswith(FULL) and second.stats["new_chunks"] == 1, second
+    report = repo.verify()
+    assert report.ok, report
+    assert repo.restore(first.point_id, 0, tmp_path / "r1").sha256 == hashlib.sha256(data[0]).hexdigest()
+    assert repo.restore(second.point_id, 0, tmp_path / "r2").sha256 == hashlib.sha256(data[0]).hexdigest()

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.session import Finished
 from vsphere_proxy.model import VM
-from vsphere_proxy.repository import DiskWriter, Manifest, PointWriter, Repository, VmIdentity
+from vsphere_proxy.repository import BaseDamaged, DiskWriter, Manifest, PointWriter, Repository, VmIdentity
 from vsphere_proxy.transports import BLOCK, DiskSource, Transport
 
 FULL = "full"
@@ -170,8 +170,13 @@ class RepositorySession:
         with self._lock:
             writer = self._writers.get(d.index)
             if writer is None:
-                writer = self.point.disk(d.index, d.label, d.capacity, base=self.base if offsets is not None else None,
-                                         change_id=d.change_id or None)
+                try:
+                    writer = self.point.disk(d.index, d.label, d.capacity,
+                                             base=self.base if offsets is not None else None,
+                                             change_id=d.change_id or None)
+                except BaseDamaged as e:  # its unchanged blocks would keep lost chunks: read it all, and heal them
+                    offsets, how = None, f"{FULL}: {e}"
+                    writer = self.point.disk(d.index, d.label, d.capacity, base=None, change_id=d.change_id or None)
                 if offsets is not None:
                     _keep_unread(writer, offsets, d.capacity)
                 self._writers[d.index] = writer
