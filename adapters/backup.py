@@ -68,7 +68,8 @@ class VSphereVmSnapshot:
             return HotAddTransport(o.session, p.vm_moref, p.devices, retry=o.retry, job_id=o.job_id)
         if mode == "nbd":
             s = o.session
-            return NbdTransport(s.base_url, o.datacenter, s.cookie, s.verify, attempts=o.nbd_attempts)
+            return NbdTransport(s.base_url, o.datacenter, s.cookie, s.verify, attempts=o.nbd_attempts,
+                                timeout=s.timeout)
         raise TransportError(f"unknown access mode {mode!r}")
 
     def release(self) -> None:

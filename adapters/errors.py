@@ -1,5 +1,7 @@
 """Errors raised by the vSphere adapters. Messages name the server and user, never the password."""
 
+from vsphere_proxy.faults import Unresponsive
+
 
 class VSphereError(Exception):
     """A vSphere call failed."""
@@ -11,3 +13,8 @@ class AuthError(VSphereError):
 
 class ConnectError(VSphereError):
     """vCenter could not be reached (refused connection, DNS, timeout or TLS failure)."""
+
+
+class VCenterUnresponsive(ConnectError, Unresponsive):
+    """vCenter accepted the connection (or had) and did not answer within the bound: "vCenter did not answer in
+    N s". It ends the job (`vsphere_proxy.faults.JobFault`): no other call would fare better."""

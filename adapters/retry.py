@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import tenacity
 from pyVmomi import vim, vmodl
 
-from adapters.errors import VSphereError
+from adapters.errors import VCenterUnresponsive, VSphereError
 from adapters.session import TRANSIENT, Session
 from adapters.tasks import TaskError, TaskTimeout, describe_fault, wait_for_task
 
@@ -64,8 +64,13 @@ class RetryPolicy:
             sleep=self.sleep,
             reraise=True,
         )
+        started = self.clock()
         try:
             return retrying(fn)
+        except TimeoutError as e:  # socket.timeout too: every attempt waited its read timeout in vain
+            waited = self.clock() - started
+            raise VCenterUnresponsive(f"{what}: vCenter did not answer in {waited:.0f} s "
+                                      f"({self.attempts} attempts)") from e
         except TaskError as e:
             if is_transient(e):
                 raise TaskError(f"{e} (after {self.attempts} attempts)", task=e.task, fault=e.fault) from e

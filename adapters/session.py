@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import socket
 import ssl
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ import tenacity
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
-from adapters.errors import AuthError, ConnectError, VSphereError
+from adapters.errors import AuthError, ConnectError, VCenterUnresponsive, VSphereError
+
+log = logging.getLogger(__name__)
 
 TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, http.client.RemoteDisconnected,
              http.client.IncompleteRead)
@@ -45,6 +49,47 @@ class CallCounter:
         stub.InvokeMethod = counted
 
 
+class Relogin:
+    """Logs in again, once, when vCenter says the session is gone (`NotAuthenticated`: vCenter restarted, the
+    session expired or was terminated), then repeats the call. Installed on the stub's `InvokeMethod`, so every
+    SOAP call of every thread goes through it; concurrent callers wait for one login and reuse it. The password
+    stays in this object's closure only (never in a repr, a message or a log)."""
+
+    def __init__(self, login: Callable[[], None]) -> None:
+        self._login = login
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.logins = 0  # how many times the session was renewed
+
+    def install(self, stub: Any) -> None:
+        invoke = stub.InvokeMethod
+
+        def renewing(mo: Any, info: Any, args: Any, *rest: Any) -> Any:
+            generation = self.logins
+            try:
+                return invoke(mo, info, args, *rest)
+            except vim.fault.NotAuthenticated:
+                if getattr(self._local, "busy", False):
+                    raise
+                self.renew(generation)
+                return invoke(mo, info, args, *rest)
+
+        stub.InvokeMethod = renewing
+
+    def renew(self, generation: int) -> None:
+        with self._lock:
+            if self.logins != generation:
+                return  # another thread logged in meanwhile
+            self._local.busy = True
+            try:
+                self._login()
+            except vim.fault.InvalidLogin:
+                raise AuthError("vCenter: logging in again was refused (the password changed?)") from None
+            finally:
+                self._local.busy = False
+            self.logins += 1
+
+
 @dataclass
 class Session:
     """A logged-in vCenter session."""
@@ -55,6 +100,28 @@ class Session:
     content: vim.ServiceInstanceContent
     counter: CallCounter
     verify: bool | str = True
+    relogin: Relogin | None = None
+    timeout: float = 60.0  # seconds any one call may wait for vCenter (SOAP and datastore HTTP alike)
+
+    @contextlib.contextmanager
+    def keep_alive(self, interval: float = 600.0) -> Iterator[None]:
+        """While the block runs, a daemon thread asks vCenter its time every `interval` seconds, so an idle
+        session does not expire under a long job (a session vCenter dropped anyway is renewed by `relogin`)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.si.CurrentTime()
+                except Exception as e:  # the next real call reports a vCenter that is gone
+                    log.warning("vCenter keep-alive failed: %s", type(e).__name__)
+
+        thread = threading.Thread(target=beat, name="vcenter-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
 
     @property
     def base_url(self) -> str:
@@ -116,8 +183,18 @@ def connect(
             kwargs["sslContext"] = _ssl_context(insecure, ca_file)
         else:
             kwargs["disableSslCertValidation"] = True
-        return SmartConnect(host=parts.hostname, port=port, user=username, pwd=password, protocol=scheme,
-                            path=parts.path or "/sdk", connectionPoolTimeout=timeout, **kwargs)
+        # httpConnectionTimeout is the socket's timeout: every connect and every read of every SOAP call is
+        # bounded by it (connectionPoolTimeout only closes idle pooled connections).
+        # SmartConnect first reads the server's API versions over a connection of its own, made without a
+        # timeout: the process-wide default bounds it (only while logging in).
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)
+        try:
+            return SmartConnect(host=parts.hostname, port=port, user=username, pwd=password, protocol=scheme,
+                                path=parts.path or "/sdk", connectionPoolTimeout=max(timeout, 60.0),
+                                httpConnectionTimeout=timeout, **kwargs)
+        finally:
+            socket.setdefaulttimeout(previous)
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TRANSIENT),
@@ -133,6 +210,9 @@ def connect(
     except ssl.SSLError as e:
         raise ConnectError(f"{where}: TLS verification failed ({e.reason or e}); set vcenter.ca_file, "
                            "or insecure: true for a lab") from None
+    except TimeoutError:
+        raise VCenterUnresponsive(f"{where}: vCenter did not answer in {timeout * retries:.0f} s "
+                                  f"({retries} attempts of {timeout:g} s)") from None
     except TRANSIENT as e:
         raise ConnectError(f"{where}: unreachable after {retries} attempts ({type(e).__name__}: {e})") from None
     except OSError as e:
@@ -140,8 +220,15 @@ def connect(
     except vim.fault.VimFault as e:
         raise VSphereError(f"{where}: {e.msg or type(e).__name__}") from None
 
-    content = si.RetrieveContent()
+    try:
+        content = si.RetrieveContent()
+    except TimeoutError:
+        raise VCenterUnresponsive(f"{where}: vCenter did not answer in {timeout:.0f} s after the login") from None
     counter = CallCounter()
     counter.install(si._stub)
+    manager = content.sessionManager
+    relogin = Relogin(lambda: manager.Login(userName=username, password=password))
+    relogin.install(si._stub)
     verify: bool | str = False if insecure else (str(ca_file) if ca_file else True)
-    return Session(url=url, username=username, si=si, content=content, counter=counter, verify=verify)
+    return Session(url=url, username=username, si=si, content=content, counter=counter, verify=verify,
+                   relogin=relogin, timeout=timeout)

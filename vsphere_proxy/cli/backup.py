@@ -279,7 +279,7 @@ def _run_leased(config: Config, found: Discovered, repo: Repository, catalog: Ca
     coordinator = Coordinator(setup.job, fleet.ledger if fleet else InMemoryLedger())
     if earlier is not None:
         coordinator.carry_over(earlier.attempts, earlier.round)
-    with keeper, progress.progress if progress.progress is not None else nullcontext():
+    with keeper, session.keep_alive(), progress.progress if progress.progress is not None else nullcontext():
         try:
             if fleet is not None:
                 def lost(proxy: str, running: list[str]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.session import Finished, Preparer, VmSession
-from vsphere_proxy.faults import JobFault
+from vsphere_proxy.faults import JobFault, Unresponsive
 from vsphere_proxy.transports import read_blocks
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class Attempt:
     idle_since: float | None = None  # no stream in flight since then
     ended: bool = False
     fault: str = ""  # the job-ending fault this attempt met, if any
+    left: list[str] = field(default_factory=list)  # what it may have left in vCenter, beyond its session's own
 
 
 class StreamRunner:
@@ -184,6 +185,9 @@ class StreamRunner:
                 except Exception as e:
                     own_failure = True
                     self._met(at, e)
+                    if isinstance(e, Unresponsive):  # the request may still be carried out once it answers
+                        at.left.append(f"a snapshot of {a.vm} may have been made: its creation got no answer "
+                                       f"({e})")
                     at.error = at.error or f"preparing {a.vm} on {a.proxy} failed: {e}"
                     raise _Aborted from None
                 with self.lock:
@@ -276,7 +280,7 @@ class StreamRunner:
                     self.closed.popitem(last=False)
         return AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error, at.bytes_read,
                           result.bytes_written, self.clock() - at.started, result.point_id if ok else None,
-                          result.notes, result.stats, result.read, result.left_behind, at.fault)
+                          result.notes, result.stats, result.read, (*at.left, *result.left_behind), at.fault)
 
     def end(self, key: AttemptKey, error: str) -> AttemptEnd | None:
         """End a running attempt now as failed (its streams stop at their next block); None when it ended."""
@@ -324,7 +328,7 @@ class StreamRunner:
                 continue
             what = f"snapshot of {at.vm} (attempt {at.attempt}): cleanup did not finish in {limit:g} s"
             out.append(AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, False, at.error, at.bytes_read,
-                                  0, self.clock() - at.started, None, (), {}, "", (what,), at.fault))
+                                  0, self.clock() - at.started, None, (), {}, "", (*at.left, what), at.fault))
         return out
 
     def busy(self) -> bool:
