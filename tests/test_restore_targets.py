@@ -213,3 +213,16 @@ def test_a_bad_point_is_bad_input(backed: Backed, tmp_path: Path) -> None:
     assert r.returncode == 2
     assert f"--point: {backed.point.id} is a restore point of 'db-01', not 'web-01'" in r.stderr
     assert not out.exists()
+
+
+def test_a_locked_repository_is_exit_5_and_nothing_is_written(backed: Backed, tmp_path: Path) -> None:
+    out = tmp_path / "x.img"
+    with backed.repo.lock("exclusive", "held by this test"):
+        for args in (("restore", "--config", str(backed.config), "--vm", VM, "--disk", "0", "--to", str(out)),
+                     ("verify", "--config", str(backed.config))):
+            r = run(*args)
+            assert r.returncode == 5, (args, r.stderr)
+            assert r.stderr.startswith("vsphere-proxy: error: repository is locked: ") and r.stderr.count("\n") == 1
+            assert "held by this test" in r.stderr, "the line names the holder"
+    assert not out.exists()
+    assert run("verify", "--config", str(backed.config)).returncode == 0, "free again once the holder let go"
