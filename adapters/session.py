@@ -51,9 +51,9 @@ class CallCounter:
 
 class Relogin:
     """Logs in again, once, when vCenter says the session is gone (`NotAuthenticated`: vCenter restarted, the
-    session expired or was terminated), then repeats the call. Installed on the stub's `InvokeMethod`, so every
-    SOAP call of every thread goes through it; concurrent callers wait for one login and reuse it. The password
-    stays in this object's closure only (never in a repr, a message or a log)."""
+    session expired or was terminated; the simulator says `NoPermission`), then repeats the call. Installed on
+    the stub's `InvokeMethod`, so every SOAP call of every thread goes through it; concurrent callers wait for one
+    login and reuse it. The password stays in this object's closure only (never in a repr, a message or a log)."""
 
     def __init__(self, login: Callable[[], None]) -> None:
         self._login = login
@@ -68,7 +68,9 @@ class Relogin:
             generation = self.logins
             try:
                 return invoke(mo, info, args, *rest)
-            except vim.fault.NotAuthenticated:
+            except (vim.fault.NotAuthenticated, vim.fault.NoPermission):
+                # A session vCenter forgot: NotAuthenticated (vCenter), NoPermission (the simulator). A real
+                # lack of privilege costs one login and fails the same way again.
                 if getattr(self._local, "busy", False):
                     raise
                 self.renew(generation)

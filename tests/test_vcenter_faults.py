@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from adapters.discovery import discover
+from adapters.hotadd import left_behind_disks
 from adapters.session import Session, connect
 from adapters.snapshots import list_snapshots
 from testbed.bed import USER, OwnTestbed, own_testbed
@@ -194,6 +195,14 @@ def test_sessions_terminated_under_a_running_job_are_renewed(bed: OwnTestbed, ad
         catalog.close()
     report = json.loads(out)
     assert job.returncode == 0 and report["status"] == "complete", err[-2000:]
+    catalog = Catalog.open(bed.work / "repository.catalog.sqlite")
+    try:
+        failed = [(r.vm, r.error) for r in catalog.results(job_id) if r.status != "done"]
+    finally:
+        catalog.close()
+    assert not failed, failed  # no call failed: each was repeated after a new login
+    proxies = [v.moref for v in discover(admin).vms if v.name in ("proxy-prod", "proxy-dev")]
+    assert not [d for ds in left_behind_disks(admin, proxies).values() for d in ds]
     repo = Repository.open(bed.work / "repository")
     latest = {m.vm.name: m for m in repo.points()}
     for (vm, index), digest in bed.images.items():
