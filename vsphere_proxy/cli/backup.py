@@ -40,6 +40,7 @@ from vsphere_proxy.cli.common import (
     open_catalog,
     open_repository,
     read_config,
+    repository_failure,
     styled,
     vcenter,
 )
@@ -103,7 +104,7 @@ class _Progress:
         with self.lock:
             for key in [k for k in self.done if k[0] == end.vm]:
                 del self.done[key]
-        status = "[green]done[/]" if end.ok else f"[red]failed[/] (round {end.round})"
+        status = "done" if end.ok else f"failed (round {end.round})"  # a VM's name is never markup
         self.progress.update(self.tasks.pop(end.vm), description=f"{end.vm} {status}",
                              completed=self.sizes.get(end.vm) if end.ok else None)
 
@@ -111,8 +112,8 @@ class _Progress:
 def _progress_display(enabled: bool) -> Progress | None:
     if not enabled:
         return None
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=console(), transient=False)
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=console(), transient=False)
 
 
 def keep_decisions(catalog: Catalog, job_id: str, coordinator: Coordinator) -> None:
@@ -399,7 +400,7 @@ def do_backup(args: argparse.Namespace) -> int:
             report = run_backup(config, found, repo, show_progress=not args.json and console().is_terminal,
                                 engine=args.engine, resume=args.resume, control=control)
         except RepositoryError as e:
-            raise CommandError(str(e), EXIT_FAILED) from None
+            raise repository_failure(e) from None
     if args.json:
         emit_json(report.to_json())
     else:
