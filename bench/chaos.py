@@ -355,6 +355,7 @@ def main() -> int:
     print(f"seed {seed} (replay: python3 bench/chaos.py --nights {args.nights} --seed {seed}); "
           f"bound per night {BOUND:.0f} s", flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="vsphere-proxy-chaos-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped bench still unmounts and stops vcsim
     violations = 0
     try:
         with own_testbed(work) as bed, connect(bed.sim.url, USER, bed.password, insecure=True) as admin:

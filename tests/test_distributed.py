@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,8 +62,8 @@ class Fleet:
         attached = [d.file for ds in left_behind_disks(self.session, proxies).values() for d in ds]
         return snaps, attached
 
-    def restored_ok(self, vms: set[str]) -> None:
-        repo = Repository.open(self.bed.work / "repository")
+    def restored_ok(self, vms: set[str], repository: Path | None = None) -> None:
+        repo = Repository.open(repository or self.bed.work / "repository")
         latest = {m.vm.name: m for m in repo.points()}  # oldest first: the last one wins
         for (vm, index), digest in self.bed.images.items():
             if vm in vms:

@@ -13,6 +13,7 @@ long enough to be hit in the middle).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from testbed.fleet import fleet as fleet_of
 from testbed.postgres_server import postgres_bindir
 from tests.test_distributed import Fleet, backed_up, wait_for
 from vsphere_proxy.catalog import Catalog
+from vsphere_proxy.repository import Repository
 
 pytestmark = pytest.mark.integration
 
@@ -196,3 +198,39 @@ def test_a_catalog_that_fills_mid_job_ends_the_job_with_the_reason(fleet: Fleet)
     assert fleet.left_behind() == ([], [])
     print(f"catalog full: exit {code} {took:.1f} s after the disk filled; {len(backed_up(report))} done; "
           f"{failed[0]}")
+
+
+def test_a_repository_that_fills_mid_job_ends_the_job_and_still_restores(fleet: Fleet) -> None:
+    with small_tmpfs(fleet.work / "small-repository", "64m") as mount:
+        config = fleet.variant("full-repository", incremental=False)
+        data: dict[str, Any] = yaml.safe_load(config.read_text())
+        data["repository"]["path"] = str(mount / "repository")
+        config.write_text(yaml.safe_dump(data))
+        catalog = Catalog.open(fleet.catalog_url)
+        try:
+            job = fleet.backup(config, engine="embedded")
+            job_id = job_in_catalog(catalog, "full-repository")
+            wait_for("a VM done", lambda: done_count(catalog, job_id) >= 1, every=0.05)
+            fill(mount)
+            started = time.monotonic()
+            code, report = finished(job, timeout=180)
+            took = time.monotonic() - started
+        finally:
+            catalog.close()
+        assert code == 4 and report["status"] == "failed" and took < 120, (took, report)
+        failed = [v["error"] for v in report["vms"] if v["status"] == "failed"]
+        assert failed and any("repository full: " in why and str(mount) in why for why in failed), failed
+        assert fleet.left_behind() == ([], [])
+        repo_dir = mount / "repository"
+        assert not list((repo_dir / "tmp").iterdir())  # nothing half-written
+        verify = subprocess.run(fleet.command("verify", "--config", str(config), "--json"), capture_output=True,
+                                text=True, env={**os.environ, "VSPHERE_USERNAME": USER,
+                                                "VSPHERE_PASSWORD": fleet.password})
+        assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stderr  # on the full disk
+        done = backed_up(report)
+        assert done
+        repo = Repository.open(repo_dir)
+        points = {m.vm.name for m in repo.points()}
+        assert points == done  # a point for each VM done, none for the others
+        fleet.restored_ok(done, repo_dir)
+        print(f"repository full: exit {code} {took:.1f} s after the disk filled; {len(done)} done; {failed[0]}")
