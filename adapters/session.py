@@ -49,6 +49,22 @@ class CallCounter:
         stub.InvokeMethod = counted
 
 
+_PROPERTY_READS = frozenset({"RetrieveProperties", "RetrievePropertiesEx", "ContinueRetrievePropertiesEx"})
+
+
+def _unauthenticated(result: Any) -> bool:
+    """A property read whose every answer is "missing: NotAuthenticated" (how a dead session's reads come back)."""
+    objects = getattr(result, "objects", result) if result is not None else None
+    if not objects or isinstance(objects, str | bytes):
+        return False
+    try:
+        missing = [m for o in objects for m in (getattr(o, "missingSet", None) or [])]
+    except TypeError:
+        return False
+    faults = [getattr(m, "fault", None) for m in missing]
+    return any(isinstance(getattr(f, "fault", f), vim.fault.NotAuthenticated) for f in faults)
+
+
 class Relogin:
     """Logs in again, once, when vCenter says the session is gone (`NotAuthenticated`: vCenter restarted, the
     session expired or was terminated; the simulator says `NoPermission`), then repeats the call. Installed on
@@ -67,7 +83,7 @@ class Relogin:
         def renewing(mo: Any, info: Any, args: Any, *rest: Any) -> Any:
             generation = self.logins
             try:
-                return invoke(mo, info, args, *rest)
+                result = invoke(mo, info, args, *rest)
             except (vim.fault.NotAuthenticated, vim.fault.NoPermission):
                 # A session vCenter forgot: NotAuthenticated (vCenter), NoPermission (the simulator). A real
                 # lack of privilege costs one login and fails the same way again.
@@ -75,6 +91,11 @@ class Relogin:
                     raise
                 self.renew(generation)
                 return invoke(mo, info, args, *rest)
+            if info.wsdlName in _PROPERTY_READS and _unauthenticated(result) and not getattr(self._local, "busy",
+                                                                                               False):
+                self.renew(generation)  # the properties came back "missing: NotAuthenticated", not raised
+                return invoke(mo, info, args, *rest)
+            return result
 
         stub.InvokeMethod = renewing
 

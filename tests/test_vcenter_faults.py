@@ -212,3 +212,20 @@ def test_sessions_terminated_under_a_running_job_are_renewed(bed: OwnTestbed, ad
             assert sha256_file(out_path) == digest, (vm, index)
             out_path.unlink()
     print(f"terminated {terminated} sessions under the job; it completed")
+
+
+def test_every_kind_of_call_after_the_session_was_terminated_logs_in_again_once(bed: OwnTestbed,
+                                                                                admin: Session) -> None:
+    from adapters.properties import read_one
+    from adapters.properties import vm as vm_ref
+
+    with connect(bed.sim.url, USER, bed.password, insecure=True) as job:
+        moref = next(v.moref for v in discover(job).vms if v.name == "web-01")
+        manager = admin.content.sessionManager
+        manager.TerminateSession(sessionId=[s.key for s in manager.sessionList
+                                            if s.key != manager.currentSession.key])
+        # a property read of a dead session answers "missing: NotAuthenticated" instead of raising: renewed too
+        devices = read_one(job, vm_ref(job, moref), ["config.hardware.device"]).get("config.hardware.device")
+        assert devices and job.relogin is not None and job.relogin.logins == 1
+        assert job.si.CurrentTime() is not None and job.relogin.logins == 1  # the new session is used as is
+        assert "password" not in repr(job).lower() and bed.password not in repr(job)
