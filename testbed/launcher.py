@@ -1,7 +1,10 @@
 """Build and run the vcsim launcher (testbed/vcsim/*.go) as a child process.
 
 The launcher takes its credentials from the environment (never argv), prints one JSON "ready" line on stdout
-and removes its temporary datastore directories when it receives SIGTERM.
+and removes its temporary datastore directories when it receives SIGTERM. Faults a real night brings: `pause`
+(SIGSTOP: connections are accepted, nothing answers) and `resume`, `drop_sessions` (SIGUSR1: every SOAP and
+Automation API session ends, as when vCenter restarts), and a restart on the same address (`stop`, then
+`Vcsim.start(..., listen=sim.address)`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
+from urllib.parse import urlsplit
 
 SETUP_SCRIPT = Path(__file__).resolve().parent / "setup.sh"
 STOP_TIMEOUT = 10.0
@@ -50,13 +54,16 @@ def build_launcher() -> Path:
 class Vcsim:
     """A running launcher. Use `Vcsim.start(...)`, as a context manager or with an explicit `stop()`."""
 
-    def __init__(self, process: subprocess.Popen[str], url: str, datastores: dict[str, Path], stderr: deque[str]):
+    def __init__(self, process: subprocess.Popen[str], url: str, datastores: dict[str, Path], stderr: deque[str],
+                 lines: queue.Queue[str | None] | None = None):
         self.process = process
         self.pid: int = process.pid
         self.url = url
         self.datastores = datastores
         self._stderr = stderr
+        self._lines: queue.Queue[str | None] = lines if lines is not None else queue.Queue()
         self._stopped = False
+        self._paused = False
 
     @classmethod
     def start(
@@ -71,12 +78,17 @@ class Vcsim:
         timeout: float = 60,
         listen: str = "127.0.0.1:0",
         binary: Path | None = None,
+        datastore_auth: bool = True,
     ) -> Vcsim:
-        """Launch the simulator on `topology` and wait for its ready line (at most `timeout` seconds)."""
+        """Launch the simulator on `topology` and wait for its ready line (at most `timeout` seconds).
+
+        `listen` "host:port" (port 0: a free one); `datastore_auth` False serves datastore HTTP without a session.
+        """
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together")
         exe = binary or build_launcher()
-        argv = [str(exe), "-topology", str(topology), "-listen", listen, "-disk-scale", repr(float(disk_scale))]
+        argv = [str(exe), "-topology", str(topology), "-listen", listen, "-disk-scale", repr(float(disk_scale)),
+                f"-datastore-auth={'true' if datastore_auth else 'false'}"]
         if cert is not None and key is not None:
             argv += ["-cert", str(cert), "-key", str(key)]
         env = {**os.environ, "VCSIM_USERNAME": username, "VCSIM_PASSWORD": password}
@@ -94,12 +106,55 @@ class Vcsim:
         except BaseException:
             _terminate(process)
             raise
-        sim = cls(process, ready["url"], {name: Path(d) for name, d in ready["datastores"].items()}, stderr)
+        sim = cls(process, ready["url"], {name: Path(d) for name, d in ready["datastores"].items()}, stderr, lines)
         if ready.get("pid") != process.pid:
             sim.stop()
             raise RuntimeError(f"launcher reported pid {ready.get('pid')}, expected {process.pid}")
         _running.add(sim)
         return sim
+
+    @property
+    def address(self) -> str:
+        """"host:port" it listens on: `Vcsim.start(..., listen=sim.address)` restarts it there after `stop`."""
+        return urlsplit(self.url).netloc
+
+    def pause(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, nothing answers them (a hung vCenter)."""
+        os.kill(self.pid, signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`: the requests waiting meanwhile are answered."""
+        os.kill(self.pid, signal.SIGCONT)
+        self._paused = False
+
+    def drop_sessions(self, timeout: float = 30) -> dict[str, int]:
+        """End every SOAP and Automation API session (SIGUSR1), as a vCenter restart does; how many of each
+        ({"soap": n, "api": m}). Calls made with them afterwards are refused as not authenticated."""
+        while True:  # lines printed since the ready line are not answers to this request
+            try:
+                self._lines.get_nowait()
+            except queue.Empty:
+                break
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"vcsim launcher {self.pid} did not report dropped sessions in {timeout:g} s")
+            try:
+                line = self._lines.get(timeout=min(remaining, 0.2))
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"vcsim launcher {self.pid} exited:\n{self.stderr_tail()}")
+            with contextlib.suppress(json.JSONDecodeError):
+                answer = json.loads(line)
+                if isinstance(answer, dict) and "dropped" in answer:
+                    if not answer["dropped"]:
+                        raise RuntimeError(f"vcsim launcher {self.pid}: dropping sessions failed: "
+                                           f"{answer.get('error')}")
+                    return {str(k): int(v) for k, v in answer["dropped"].items()}
 
     def stderr_tail(self, lines: int = 30) -> str:
         return "\n".join(list(self._stderr)[-lines:])
@@ -118,6 +173,9 @@ class Vcsim:
             return
         self._stopped = True
         _running.discard(self)
+        if self._paused:  # a stopped process does not act on SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                self.resume()
         problems: list[str] = []
         if self.process.poll() is None:
             if not _terminate(self.process):

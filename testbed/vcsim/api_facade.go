@@ -37,6 +37,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vmware/govmomi/vim25/types"
@@ -44,22 +45,43 @@ import (
 
 const restCIS = "/rest/com/vmware/cis"
 
-// wrapAPIFacade serves POST /api and /api/... from next's /rest tagging endpoints; other paths go to next.
-func wrapAPIFacade(next http.Handler) http.Handler {
-	f := &apiFacade{next: next}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch {
-		case r.URL.Path == "/api" && r.Method == http.MethodPost:
-			f.serveJSONRPC(w, r)
-		case strings.HasPrefix(r.URL.Path, "/api/"):
-			f.serveREST(w, r)
-		default:
-			next.ServeHTTP(w, r)
-		}
-	})
+// newAPIFacade serves POST /api and /api/... from next's /rest tagging endpoints; other paths go to next.
+func newAPIFacade(next http.Handler) *apiFacade {
+	return &apiFacade{next: next, sessions: map[string]bool{}}
 }
 
-type apiFacade struct{ next http.Handler }
+func (f *apiFacade) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch {
+	case r.URL.Path == "/api" && r.Method == http.MethodPost:
+		f.serveJSONRPC(w, r)
+	case strings.HasPrefix(r.URL.Path, "/api/"):
+		f.serveREST(w, r)
+	default:
+		f.next.ServeHTTP(w, r)
+	}
+}
+
+type apiFacade struct {
+	next http.Handler
+
+	mu       sync.Mutex
+	sessions map[string]bool // the /api session ids issued and not deleted
+}
+
+// dropSessions deletes every /api session issued (later calls with them are UNAUTHENTICATED); how many.
+func (f *apiFacade) dropSessions() int {
+	f.mu.Lock()
+	ids := f.sessions
+	f.sessions = map[string]bool{}
+	f.mu.Unlock()
+	n := 0
+	for id := range ids {
+		if f.call(nil, "DELETE", "/session", "", nil, auth{session: id}, "session") == nil {
+			n++
+		}
+	}
+	return n
+}
 
 // apiError is a vAPI standard error: kind is its error_type ("NOT_FOUND"), status its /api HTTP status.
 type apiError struct {
@@ -225,8 +247,16 @@ func (f *apiFacade) invoke(svc, op string, in *opInput, a auth) (interface{}, *a
 		}
 		var token string
 		e := f.call(&token, "POST", "/session", "", nil, auth{user: a.user, pass: a.pass}, "session")
+		if e == nil {
+			f.mu.Lock()
+			f.sessions[token] = true
+			f.mu.Unlock()
+		}
 		return token, e
 	case "com.vmware.cis.session.delete": // DELETE /api/session
+		f.mu.Lock()
+		delete(f.sessions, a.session)
+		f.mu.Unlock()
 		return nil, f.call(nil, "DELETE", "/session", "", nil, a, "session")
 	case "com.vmware.cis.session.get": // GET /api/session
 		var s struct {

@@ -6,7 +6,8 @@
 //
 // Credentials come from the environment (VCSIM_USERNAME, VCSIM_PASSWORD), never from argv.
 // When ready it prints one JSON line on stdout: {"url": ..., "pid": ..., "datastores": {name: dir}}.
-// SIGTERM or SIGINT stops the server and removes every temporary directory it created.
+// SIGTERM or SIGINT stops the server and removes every temporary directory it created. SIGUSR1 ends every
+// session (SOAP and /api) as a vCenter restart does and prints {"dropped": {"soap": n, "api": m}}.
 package main
 
 import (
@@ -141,6 +142,7 @@ func main() {
 	keyFile := flag.String("key", "", "TLS private key (PEM)")
 	scale := flag.Float64("disk-scale", 1, "multiply every disk capacity by this factor")
 	cbtWindow := flag.Int64("cbt-window", defaultCBTWindow, "bytes covered by one QueryChangedDiskAreas answer")
+	datastoreAuth := flag.Bool("datastore-auth", true, "datastore HTTP (/folder) needs a live session cookie")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("vcsim-launcher: ")
@@ -174,13 +176,15 @@ func main() {
 		model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	}
 	server := model.Service.NewServer()
-	server.Config.Handler = wrapAPIFacade(server.Config.Handler)
+	facade := newAPIFacade(server.Config.Handler)
+	server.Config.Handler = facade
 
 	l := &launcher{ctx: context.Background(), topo: topo, scale: *scale}
 	server.Config.Handler = wrapCBT(server.Config.Handler, *cbtWindow, func(ds string) (string, bool) {
 		dir, ok := l.dsDir[ds]
 		return dir, ok
 	})
+	server.Config.Handler = wrapSessions(server.Config.Handler, *datastoreAuth)
 	cleanup := func() {
 		server.Close()
 		model.Remove()
@@ -203,6 +207,19 @@ func main() {
 	// Listen for signals before announcing readiness: a SIGTERM right after the ready line must still clean up.
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	drop := make(chan os.Signal, 1)
+	signal.Notify(drop, syscall.SIGUSR1)
+	go func() {
+		for range drop {
+			soap, api, err := dropSessions(context.Background(), server.URL, facade)
+			line, _ := json.Marshal(map[string]interface{}{"dropped": map[string]int{"soap": soap, "api": api}})
+			if err != nil {
+				line, _ = json.Marshal(map[string]interface{}{"dropped": nil, "error": err.Error()})
+			}
+			fmt.Println(string(line))
+			_ = os.Stdout.Sync()
+		}
+	}()
 	fmt.Println(string(ready))
 	_ = os.Stdout.Sync()
 	<-sig
