@@ -1,22 +1,49 @@
 """The `nbd` transport: the disk streams over HTTP(S) from the datastore's `/folder/` endpoint, through the VM's
 host. It talks to vCenter, so it lives with the adapters; it implements `vsphere_proxy.transports.Transport`.
 
-Each block is one Range request carrying the vCenter session cookie. A transfer that breaks (connection reset,
-timeout, a 5xx) resumes from the last byte received, a bounded number of times, before the block fails.
+Each block is one Range request carrying the vCenter session cookie, with a connect and a read timeout. A transfer
+that breaks (connection reset, timeout, a 5xx) resumes from the last byte received, `attempts` times in all,
+before the block fails; when every attempt timed out, `DatastoreUnresponsive` ("vCenter did not answer in N s")
+ends the job. A cookie refused (401/403: vCenter forgot the session) is renewed once through `renew` and the
+request repeated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
+from adapters.errors import VCenterUnresponsive
 from vsphere_proxy.transports.base import DiskSource, TransportError
 
+if TYPE_CHECKING:
+    from adapters.session import Session
+
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+class DatastoreUnresponsive(VCenterUnresponsive, TransportError):
+    """Datastore HTTP did not answer within its bound: the job ends (`vsphere_proxy.faults.Unresponsive`)."""
+
+
+def _timed_out(e: BaseException) -> bool:
+    """A timeout, raised as such or wrapped (a read that timed out mid-body comes as a ConnectionError)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, requests.Timeout | Urllib3Timeout | TimeoutError):
+            return True
+        todo += [a for a in x.args if isinstance(a, BaseException)] + [x.__cause__, x.__context__]
+    return False
 
 
 class _Retryable(Exception):
@@ -33,18 +60,29 @@ class NbdTransport:
 
     def __init__(self, base_url: str, datacenter: str, cookie: str, verify: bool | str = True, *,
                  attempts: int = 4, timeout: float = 60.0, wait: Callable[[RetryCallState], float] | None = None,
-                 http: Any = None) -> None:
+                 http: Any = None, renew: Callable[[str], str] | None = None) -> None:
         self._base = base_url.rstrip("/")
+        self._cookie = cookie
+        self._renew = renew  # (the refused cookie) -> a cookie of a new session, after a 401/403
         self._datacenter = datacenter
         self._headers = {"Cookie": session_cookie(cookie)}
         self._verify = verify
         self._attempts = attempts
-        self._timeout = timeout
+        self._timeout = timeout  # seconds to connect, and for each read
         self._wait = wait or wait_exponential(multiplier=0.2, max=5)
         self._http = http if http is not None else requests.Session()
         self._url: str | None = None
         self._disk: DiskSource | None = None
         self.resumed = 0  # transfers resumed after a break, over the transport's life
+
+    @classmethod
+    def for_session(cls, session: Session, datacenter: str, *, attempts: int | None = None,
+                    **kwargs: Any) -> NbdTransport:
+        """Through `session`'s cookie (renewed with it), certificate check and timeout; `attempts` defaults to the
+        session's."""
+        return cls(session.base_url, datacenter, session.cookie, session.verify,
+                   attempts=session.attempts if attempts is None else attempts, timeout=session.timeout,
+                   renew=session.renew_cookie, **kwargs)
 
     def url(self, disk: DiskSource) -> str:
         return (f"{self._base}/folder/{quote(disk.flat)}?dcPath={quote(self._datacenter)}"
@@ -68,16 +106,25 @@ class NbdTransport:
                     if len(buf) < length:
                         raise _Retryable(f"the answer ended after {len(buf)} bytes")
         except (*_TRANSIENT, _Retryable) as e:
+            if _timed_out(e):
+                raise DatastoreUnresponsive(f"{self._disk}: nbd: block at {offset}: vCenter did not answer in "
+                                            f"{self._timeout * self._attempts:.0f} s") from None
             raise TransportError(f"{self._disk}: nbd: block at {offset} failed after {self._attempts} attempts, "
                                  f"{len(buf)} of {length} bytes received: {e}") from None
         return bytes(buf)
 
-    def _fetch(self, first: int, last: int, buf: bytearray) -> None:
+    def _fetch(self, first: int, last: int, buf: bytearray, *, renewed: bool = False) -> None:
         if first > last:
             return
         headers = {**self._headers, "Range": f"bytes={first}-{last}"}
-        with self._http.get(self._url, headers=headers, stream=True, timeout=self._timeout,
+        with self._http.get(self._url, headers=headers, stream=True, timeout=(self._timeout, self._timeout),
                             verify=self._verify) as r:
+            if r.status_code in (401, 403) and self._renew is not None and not renewed:
+                self._cookie = self._renew(self._cookie)  # vCenter forgot the session: log in again, once
+                self._headers = {"Cookie": session_cookie(self._cookie)}
+                r.close()
+                self._fetch(first, last, buf, renewed=True)
+                return
             if r.status_code >= 500:
                 raise _Retryable(f"HTTP {r.status_code}")
             if r.status_code != 206:

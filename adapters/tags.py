@@ -5,14 +5,22 @@ on ``<base_url>/api``: user/password -> ``com.vmware.cis.Session.create`` -> ses
 is ours: ``create_vsphere_client`` hard-codes ``https://`` and the simulator serves plain http. The SDK's other
 connector (``msg_protocol="rest"``) is not used: it expects ``{"value": ...}``-wrapped bodies on ``/api``, which
 vCenter 7.0U2+ does not send.
+
+Every call is bounded as the SOAP calls are (``adapters.session``): ``timeout`` seconds to connect and for each
+read, ``attempts`` in all on a timeout or a lost connection, then ``VCenterUnresponsive`` ("vCenter did not answer
+in N s"). A call refused as unauthenticated (vCenter restarted, the session expired or was ended) logs in again
+once, with the credentials kept in memory, and is repeated; concurrent callers share that one login.
 """
 
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import requests
+import tenacity
 from com.vmware.cis.tagging_client import Category, Tag, TagAssociation
 from com.vmware.cis_client import Session
 from com.vmware.vapi.std.errors_client import NotFound, Unauthenticated, Unauthorized
@@ -27,9 +35,29 @@ from vmware.vapi.security.session import create_session_security_context
 from vmware.vapi.security.user_password import create_user_password_security_context
 from vmware.vapi.stdlib.client.factories import StubConfigurationFactory
 
-from adapters.errors import AuthError, ConnectError, VSphereError
+from adapters.errors import AuthError, ConnectError, VCenterUnresponsive, VSphereError
+from adapters.session import Secret
 
 VM_TYPE = "VirtualMachine"
+_LOST = (requests.ConnectionError, requests.Timeout)
+
+T = TypeVar("T")
+
+
+def _timed_out(e: BaseException) -> bool:
+    return isinstance(e, requests.Timeout) or isinstance(e.__context__, TimeoutError) or "timed out" in str(e)
+
+
+class _OwnSession(Session):
+    """The client's vAPI session; once deleted through it, the client does not log in again."""
+
+    def __init__(self, config: StubConfiguration, ended: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._ended = ended
+
+    def delete(self) -> None:
+        self._ended()
+        super().delete()
 
 
 class _HTTP(requests.Session):
@@ -56,31 +84,92 @@ class TagClient:
     """Reads vSphere tags and tag associations. Use as a context manager, or call :meth:`close`."""
 
     def __init__(
-        self, base_url: str, username: str, password: str, verify: bool | str = True, timeout: float = 60.0
+        self, base_url: str, username: str, password: str, verify: bool | str = True, timeout: float = 60.0,
+        attempts: int = 4, sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """Open a vAPI session on ``base_url`` (e.g. ``https://vc.example.com`` or ``http://127.0.0.1:PORT``).
 
         ``verify`` is True, False or a CA bundle path. Raises AuthError (credentials refused),
-        ConnectError (unreachable) or VSphereError.
+        ConnectError (unreachable), VCenterUnresponsive (no answer in ``timeout`` x ``attempts``) or VSphereError.
         """
+        if attempts < 1:
+            raise ValueError(f"attempts: must be >= 1, got {attempts}")
         self._base_url = base_url.rstrip("/")
         self._username = username
+        self._password = Secret(password)
         self._timeout = timeout
+        self._attempts = attempts
+        self._sleep = sleep
         self._http = _HTTP()
         self._http.verify = verify
         self._session: Session | None = None
+        self._lock = threading.Lock()
+        self._ended = False  # the session was deleted through this client: never renewed
+        self._refused: str | None = None  # why logging in again was refused, once it was
+        self.logins = 0  # how many times the session was renewed
+        self._gave_up = False  # a call spent its attempts without an answer
         try:
             with self._errors("login"):
-                login = self._stub_config(create_user_password_security_context(username, password))
-                token = Session(login).create()
+                self._login()
         except BaseException:
             self._http.close()
             raise
+
+    def _login(self) -> None:
+        """A new vAPI session, and the services bound to it."""
+        login = self._stub_config(create_user_password_security_context(self._username, self._password.get()))
+        token = self._bounded(lambda: Session(login).create(), "login")
         config = self._stub_config(create_session_security_context(token))
-        self._session = Session(config)
+        self._session = _OwnSession(config, self._end)
         self._category = Category(config)
         self._tag = Tag(config)
         self._association = TagAssociation(config)
+
+    def _end(self) -> None:
+        self._ended = True
+
+    def _bounded(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()``, made ``attempts`` times in all on a timeout or a lost connection; then VCenterUnresponsive
+        when it timed out (a refused connection stays a requests error: ConnectError)."""
+        retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(_LOST),
+                                     stop=tenacity.stop_after_attempt(self._attempts),
+                                     wait=tenacity.wait_exponential(multiplier=0.25, max=2), sleep=self._sleep,
+                                     reraise=True)
+        try:
+            return retrying(fn)
+        except _LOST as e:
+            if _timed_out(e):
+                self._gave_up = True
+                made = int(retrying.statistics.get("attempt_number", self._attempts))
+                raise VCenterUnresponsive(f"{what} on {self._base_url}: vCenter did not answer in "
+                                          f"{self._timeout * made:.0f} s") from None
+            raise
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` (a call of the services), bounded, and repeated once after a new login when the session was
+        refused as unauthenticated. SDK errors are raised as they are (``_errors`` translates them)."""
+        generation = self.logins
+        try:
+            return self._bounded(fn, what)
+        except Unauthenticated:
+            if self._ended:
+                raise
+            self._renew(generation)
+        return self._bounded(fn, what)
+
+    def _renew(self, generation: int) -> None:
+        with self._lock:
+            if self._refused is not None:
+                raise AuthError(self._refused)
+            if self.logins != generation:
+                return  # another thread logged in meanwhile
+            try:
+                self._login()
+            except Unauthenticated:
+                self._refused = (f"{self._base_url}: logging in again was refused for user {self._username!r} "
+                                 "(incorrect user name or password: was it changed?)")
+                raise AuthError(self._refused) from None
+            self.logins += 1
 
     def _stub_config(self, security_context: SecurityContext) -> StubConfiguration:
         connector = get_requests_connector(
@@ -108,7 +197,7 @@ class TagClient:
     def close(self) -> None:
         """Delete the vAPI session (best effort) and release the HTTP connections. Idempotent."""
         session, self._session = self._session, None
-        if session is not None:
+        if session is not None and not self._gave_up:  # a vCenter that stopped answering is not waited for
             with suppress(VapiError, CoreException, requests.RequestException):
                 session.delete()  # best effort: the session expires on the server anyway
         self._http.close()
@@ -125,9 +214,10 @@ class TagClient:
         """Category id -> name, for the given ids (default: all); ids deleted meanwhile are left out."""
         names: dict[str, str] = {}
         with self._errors("list categories"):
-            for category_id in self._category.list() if category_ids is None else category_ids:
+            ids = self._call(lambda: self._category.list(), "list categories") if category_ids is None else category_ids
+            for category_id in ids:
                 try:
-                    names[category_id] = self._category.get(category_id).name
+                    names[category_id] = self._call(lambda i=category_id: self._category.get(i), "read category").name
                 except NotFound:
                     continue
         return names
@@ -138,7 +228,7 @@ class TagClient:
         with self._errors("read tags"):
             for tag_id in tag_ids:
                 try:
-                    tags[tag_id] = self._tag.get(tag_id)
+                    tags[tag_id] = self._call(lambda i=tag_id: self._tag.get(i), "read tag")
                 except NotFound:
                     continue
         categories = self._category_names({t.category_id for t in tags.values()})
@@ -151,7 +241,7 @@ class TagClient:
     def tags(self) -> list[tuple[str, str]]:
         """All tags as (category name, tag name), sorted."""
         with self._errors("list tags"):
-            tag_ids = self._tag.list()
+            tag_ids = self._call(lambda: self._tag.list(), "list tags")
         return sorted(self._tag_names(tag_ids).values())
 
     def vm_tags(self, vm_morefs: list[str]) -> dict[str, list[tuple[str, str]]]:
@@ -163,9 +253,8 @@ class TagClient:
         if not result:
             return result
         with self._errors("list attached tags"):
-            attached = self._association.list_attached_tags_on_objects(
-                [DynamicID(type=VM_TYPE, id=moref) for moref in result]
-            )
+            ids = [DynamicID(type=VM_TYPE, id=moref) for moref in result]
+            attached = self._call(lambda: self._association.list_attached_tags_on_objects(ids), "list attached tags")
         names = self._tag_names({tag_id for entry in attached for tag_id in entry.tag_ids})
         for entry in attached:
             if entry.object_id.type == VM_TYPE and entry.object_id.id in result:
@@ -182,11 +271,11 @@ class TagClient:
             tag_ids = [
                 tag_id
                 for category_id in category_ids
-                for tag_id in self._tag.list_tags_for_category(category_id)
-                if self._tag.get(tag_id).name == tag
+                for tag_id in self._call(lambda c=category_id: self._tag.list_tags_for_category(c), "list tags")
+                if self._call(lambda t=tag_id: self._tag.get(t), "read tag").name == tag
             ]
         if not tag_ids:
             raise VSphereError(f"no tag {tag!r} in category {category!r} on {self._base_url}")
         with self._errors("list attached objects"):
-            objects = self._association.list_attached_objects(tag_ids[0])
+            objects = self._call(lambda: self._association.list_attached_objects(tag_ids[0]), "list attached objects")
         return sorted(o.id for o in objects if o.type == VM_TYPE)

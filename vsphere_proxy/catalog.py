@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import platform
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,13 +176,13 @@ class VmClaimRow(_Base):
 
 def lease_holder() -> str:
     """This process as a lease holder: host:pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{platform.node()}:{os.getpid()}"
 
 
 def holder_gone(holder: str) -> bool:
     """A holder on this host whose process has ended (its lease is dead before it expires)."""
     host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != platform.node() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
