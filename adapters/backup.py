@@ -69,7 +69,7 @@ class VSphereVmSnapshot:
         if mode == "nbd":
             s = o.session
             return NbdTransport(s.base_url, o.datacenter, s.cookie, s.verify, attempts=o.nbd_attempts,
-                                timeout=s.timeout, renew=s.fresh_cookie)
+                                timeout=s.timeout, renew=s.renew_cookie)
         raise TransportError(f"unknown access mode {mode!r}")
 
     def release(self) -> None:
