@@ -2,7 +2,9 @@
 
 One ContainerView over the root folder, one RetrievePropertiesEx carrying an explicit path set per
 type, ContinueRetrievePropertiesEx while vCenter pages, DestroyView in `finally`: a fixed number of
-round trips whatever the number of VMs. Never pyvmomi's lazy per-attribute access in a loop.
+round trips whatever the number of VMs. Never pyvmomi's lazy per-attribute access in a loop. Each call is bounded
+by the session (`adapters.session.Bounded`); when vCenter stops answering, the view is left to end with the session
+rather than waited for again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from adapters.session import Session
+from vsphere_proxy.faults import Unresponsive
 from vsphere_proxy.model import (
     VM,
     Cluster,
@@ -76,6 +79,7 @@ def retrieve(session: Session, paths: dict[type, list[str]] = PATHS) -> Iterator
     """Every object of the given types below the root folder, with the given properties."""
     content = session.content
     view = content.viewManager.CreateContainerView(content.rootFolder, list(paths), True)
+    silent = False  # vCenter stopped answering: the view is not destroyed (it ends with the session)
     try:
         traversal = PC.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
         spec = PC.FilterSpec(
@@ -90,8 +94,12 @@ def retrieve(session: Session, paths: dict[type, list[str]] = PATHS) -> Iterator
             if not result.token:
                 break
             result = collector.ContinueRetrievePropertiesEx(result.token)
+    except Unresponsive:
+        silent = True
+        raise
     finally:
-        view.DestroyView()
+        if not silent:
+            view.DestroyView()
 
 
 def _wwn(value: int) -> str:

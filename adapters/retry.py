@@ -4,6 +4,11 @@ A fault is transient when retrying the same call later can succeed: another task
 (`TaskInProgress`, `ConcurrentAccess`), vCenter lost its host or timed out (`HostCommunication`, `Timedout`),
 a generic server error (`SystemError`), or the connection broke. Anything else is raised at once. Every
 error leaves `RetryPolicy.call` as a `VSphereError` naming the operation and the fault.
+
+Each SOAP call is already bounded by the session (`adapters.session.Bounded`: a timeout per connect and read,
+repeated on timeouts): its `VCenterUnresponsive` and a refused new login (`AuthError`) are final here, never
+multiplied by this policy's attempts. A timeout that reaches the policy raw (a call outside the session) counts as
+transient, and when the attempts are spent becomes `VCenterUnresponsive` too.
 """
 
 from __future__ import annotations

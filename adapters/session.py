@@ -305,7 +305,12 @@ class KeepAlive:
             except Exception as e:  # the job's next real call reports a vCenter that is gone
                 log.warning("vCenter keep-alive failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
+        """Ends the thread at its next wake-up (it never delays the caller)."""
         self._stop.set()
 
     def __enter__(self) -> Self:

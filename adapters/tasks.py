@@ -60,7 +60,9 @@ def wait_for_task(
     """Block until `task` succeeds and return its `info.result`.
 
     Raises `TaskError` (with the fault's text, prefixed by `what`) when the task ends in error, and `TaskTimeout`
-    when it is still queued or running `timeout` seconds after the call; `info` is polled every `poll` seconds.
+    when it is still queued or running `timeout` seconds after the call; `info` is polled every `poll` seconds,
+    each poll a SOAP call bounded by the session (a vCenter that stops answering raises `VCenterUnresponsive` from
+    the poll instead of waiting out `timeout`).
     """
     label = what or f"task {task._moId}"
     deadline = clock() + timeout

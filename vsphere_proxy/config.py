@@ -103,8 +103,14 @@ class VCenterConfig(_Strict):
     insecure: bool = False  # skip TLS verification; required for plain http (the simulator)
     ca_file: Path | None = None
     credentials: Credentials = Credentials()
-    connect_retries: Annotated[int, Field(ge=1, le=10)] = 3
-    timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    connect_retries: Annotated[int, Field(ge=1, le=10, description=(
+        "attempts at reaching vCenter to log in (a refused or reset connection, a timeout), with back-off"))] = 3
+    timeout: Annotated[float, Field(gt=0, le=600, description=(
+        "seconds every vCenter call (SOAP, datastore HTTP, Automation API) may take to connect, and again for "
+        "each read of its answer"))] = 60.0
+    retries: Annotated[int, Field(ge=1, le=10, description=(
+        "attempts of a vCenter call that timed out or lost its connection (a change vCenter may have begun is "
+        "not sent again); a vCenter that stops answering ends the job after about timeout x retries"))] = 4
 
     @field_validator("url")
     @classmethod

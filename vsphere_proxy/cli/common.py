@@ -101,7 +101,6 @@ def vcenter(config: Config) -> Iterator[Discovered]:
     from adapters.discovery import discover
     from adapters.errors import AuthError, ConnectError, VSphereError
     from adapters.session import connect
-    from adapters.tags import TagClient
 
     vc = config.vcenter
     try:
@@ -109,14 +108,15 @@ def vcenter(config: Config) -> Iterator[Discovered]:
     except ConfigError as e:
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
     try:
+        # every call bounded: vc.timeout to connect and per read, vc.retries attempts (the login: connect_retries)
         session = connect(vc.url, user, password.get_secret_value(), insecure=vc.insecure, ca_file=vc.ca_file,
-                          retries=vc.connect_retries, timeout=vc.timeout)
+                          retries=vc.connect_retries, timeout=vc.timeout, attempts=vc.retries)
     except AuthError as e:
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
     except (ConnectError, VSphereError) as e:
         raise CommandError(str(e), EXIT_FAILED) from None
     try:
-        with TagClient(session.base_url, user, password.get_secret_value(), verify=session.verify) as tags:
+        with session.tag_client() as tags:
             inventory = discover(session, tags=tags)
         yield Discovered(config, inventory, session)
     except (AuthError, ConnectError, VSphereError) as e:
