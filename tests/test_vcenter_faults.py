@@ -7,12 +7,21 @@
   next job (the simulator resumed) sweeps them;
 - every session of the simulator terminated under a running job (as a vCenter restart does): the job logs in
   again and completes.
+
+Call by call, through the adapters: a silent listener fails `connect` and the `vcenter` block within
+`timeout x retries`; with the simulator paused, a property read, a snapshot's creation and an NBD read each raise
+`Unresponsive` within their bound, and the same session works once it is resumed; with every session dropped
+(SOAP and Automation API), a SOAP call, an NBD read and a tag read succeed after one login each (one for many
+threads at once), the keep-alive renews a session by itself; a simulator restarted on its address is logged in
+to again, and one restarted with another password is refused once, never in a loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +37,23 @@ import pytest
 import yaml
 
 from adapters.discovery import discover
+from adapters.errors import AuthError, ConnectError, VCenterUnresponsive
 from adapters.hotadd import left_behind_disks
+from adapters.nbd import NbdTransport
+from adapters.properties import read_one
+from adapters.properties import vm as vm_ref
 from adapters.session import Session, connect
-from adapters.snapshots import list_snapshots
+from adapters.snapshots import create_snapshot, job_prefix, list_snapshots, sweep_snapshots
+from testbed import topology as topo
 from testbed.bed import USER, OwnTestbed, own_testbed
-from testbed.images import sha256_file
+from testbed.images import sha256_file, write_images
+from testbed.launcher import Vcsim
 from vsphere_proxy.catalog import Catalog
+from vsphere_proxy.cli.common import CommandError, vcenter
+from vsphere_proxy.config import load_config
+from vsphere_proxy.faults import Unresponsive
 from vsphere_proxy.repository import Repository
+from vsphere_proxy.transports import DiskSource, read_blocks
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +251,181 @@ def test_every_kind_of_call_after_the_session_was_terminated_logs_in_again_once(
         assert devices and job.relogin is not None and job.relogin.logins == 1
         assert job.si.CurrentTime() is not None and job.relogin.logins == 1  # the new session is used as is
         assert "password" not in repr(job).lower() and bed.password not in repr(job)
+
+
+# --- the adapters, call by call ---------------------------------------------------------------------------------
+
+DC = "DC0"
+
+
+def nbd_disk(bed_images: dict[str, Path], topology: dict[str, Any], vm: str, index: int = 0) -> DiskSource:
+    image = next(d for d in topo.disks(topology, bed_images) if d.vm == vm and d.index == index)
+    name = f"{vm}.vmdk" if index == 0 else f"{vm}_{index}.vmdk"
+    return DiskSource(vm, index, f"[{image.datastore}] {vm}/{name}", image.datastore, image.capacity)
+
+
+def nbd_digest(session: Session, disk: DiskSource) -> str:
+    h = hashlib.sha256()
+    with NbdTransport.for_session(session, DC) as t:
+        t.open(disk)
+        for _, block in read_blocks(t, disk.capacity):
+            h.update(block)
+    return h.hexdigest()
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e)
+    assert text and "\n" not in text, text
+    return text
+
+
+def test_connect_and_the_vcenter_block_give_up_on_a_silent_listener_within_timeout_x_retries(
+        bed: OwnTestbed) -> None:
+    silent = Silent()
+    try:
+        url = f"http://127.0.0.1:{silent.port}/sdk"
+        started = time.monotonic()
+        with pytest.raises(VCenterUnresponsive) as err:
+            connect(url, USER, bed.password, insecure=True, timeout=1, retries=2, attempts=2)
+        took_connect = time.monotonic() - started
+        config = load_config(variant(bed, "silent-block", vcenter={"url": url, "timeout": 1, "connect_retries": 2,
+                                                                    "retries": 2}))
+        started = time.monotonic()
+        with pytest.raises(CommandError) as failed, vcenter(config):
+            pass
+        took_block = time.monotonic() - started
+    finally:
+        silent.close()
+    assert isinstance(err.value, Unresponsive) and isinstance(err.value, ConnectError)
+    assert "vCenter did not answer in 2 s" in one_line(err.value) and bed.password not in str(err.value)
+    assert failed.value.code == 4 and "vCenter did not answer in 2 s" in one_line(failed.value)
+    assert took_connect < 2 + 1.5 and took_block < 2 + 1.5, (took_connect, took_block)
+    print(f"silent listener: connect gave up after {took_connect:.2f} s, the vcenter block after {took_block:.2f} s "
+          "(timeout 1 s x 2 attempts)")
+
+
+def test_a_paused_vcenter_bounds_a_property_read_a_snapshot_and_an_nbd_read(bed: OwnTestbed) -> None:
+    job = "faults-paused-calls"
+    took: dict[str, float] = {}
+    with connect(bed.sim.url, USER, bed.password, insecure=True, timeout=1, attempts=2) as s:
+        vm = next(v.moref for v in discover(s).vms if v.name == "web-01")
+        disk = nbd_disk(bed.sim.datastores, bed.topology, "web-01")
+        nbd = NbdTransport.for_session(s, DC)
+        nbd.open(disk)
+        first = nbd.read_block(0, 1 << 16)
+        calls: list[tuple[str, Any, float]] = [
+            ("property read", lambda: read_one(s, vm_ref(s, vm), ["name"]), 1 * 2),
+            ("snapshot creation", lambda: create_snapshot(s, vm, job), 1 * 2),
+            ("nbd read", lambda: nbd.read_block(0, 1 << 16), 1 * 2),
+        ]
+        bed.sim.pause()
+        try:
+            for what, call, bound in calls:
+                started = time.monotonic()
+                with pytest.raises(Unresponsive) as err:
+                    call()
+                took[what] = time.monotonic() - started
+                assert "vCenter did not answer in" in one_line(err.value), (what, err.value)
+                assert took[what] < bound + 1.5, (what, took[what])
+        finally:
+            bed.sim.resume()
+        # the same session answers again, without a new login
+        assert read_one(s, vm_ref(s, vm), ["name"]) == {"name": "web-01"}
+        assert nbd.read_block(0, 1 << 16) == first
+        assert s.relogin is not None and s.relogin.logins == 0
+        # the creation sent while paused is carried out once resumed: that snapshot is ours to remove
+        wait_for("the snapshot made once resumed", lambda: any(e.name.startswith(job_prefix(job))
+                                                               for e in list_snapshots(s, vm)), timeout=30)
+        sweep_snapshots(s, [vm], job_id=job)
+        assert not [e for e in list_snapshots(s, vm) if e.name.startswith(job_prefix(job))]
+    print("paused vCenter (timeout 1 s, 2 attempts): " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()))
+
+
+def test_dropped_sessions_are_renewed_once_for_soap_the_datastore_and_the_sdk(bed: OwnTestbed) -> None:
+    with connect(bed.sim.url, USER, bed.password, insecure=True) as s, s.tag_client() as tags:
+        assert s.relogin is not None
+        moref = {v.name: v.moref for v in discover(s).vms}
+        disk = nbd_disk(bed.sim.datastores, bed.topology, "web-01")
+        want = bed.images[("web-01", 0)]
+        tagged = tags.vm_tags(list(moref.values()))
+        logins = s.counter.calls["Login"]
+
+        dropped = bed.sim.drop_sessions()
+        assert dropped["soap"] >= 1 and dropped["api"] >= 1, dropped
+        # the datastore refuses the dead cookie first: one login, the disk read whole
+        assert nbd_digest(s, disk) == want and s.relogin.logins == 1
+        # SOAP goes on with that session as it is
+        assert read_one(s, vm_ref(s, moref["web-01"]), ["name"]) == {"name": "web-01"}
+        assert s.si.CurrentTime() is not None and s.relogin.logins == 1
+        # the SDK's session is its own: renewed once too
+        assert tags.vm_tags(list(moref.values())) == tagged and tags.logins == 1
+        assert s.counter.calls["Login"] == logins + 1
+
+        # many threads at once after the next drop: one login for all of them
+        bed.sim.drop_sessions()
+        stale = NbdTransport.for_session(s, DC)  # holds the dead cookie: its first read is refused
+
+        def work(i: int) -> tuple[str, str]:
+            if i % 2:
+                return "nbd", nbd_digest(s, disk)
+            name = next(n for n in sorted(moref) if n != "web-01")
+            return "soap", str(read_one(s, vm_ref(s, moref[name]), ["name"])["name"])
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, range(16)))
+        stale.open(disk)
+        assert stale.read_block(0, 4096)
+        assert all(v == want for k, v in results if k == "nbd") and {k for k, _ in results} == {"nbd", "soap"}
+        assert s.relogin.logins == 2 and s.counter.calls["Login"] == logins + 2
+        assert bed.password not in repr(s) and bed.password not in repr(s.relogin) and "Secret('" in repr(s.password)
+
+
+def test_the_keep_alive_renews_a_dropped_session_by_itself(bed: OwnTestbed) -> None:
+    with connect(bed.sim.url, USER, bed.password, insecure=True) as s:
+        assert s.relogin is not None
+        with s.keep_alive(interval=0.2) as beating:
+            wait_for("a beat", lambda: beating.beats >= 1, timeout=10)
+            bed.sim.drop_sessions()
+            wait_for("the session renewed by the keep-alive", lambda: s.relogin is not None and s.relogin.logins == 1,
+                     timeout=10)
+        wait_for("the keep-alive ended", lambda: not beating.running, timeout=5)
+        assert s.relogin.logins == 1 and s.si.CurrentTime() is not None
+
+
+def test_a_restarted_vcenter_is_logged_in_to_again_and_a_changed_password_is_refused_once(tmp_path: Path) -> None:
+    password, changed = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    topology = topo.load(topo.DEFAULT_TOPOLOGY)
+    sim = Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, password)
+    try:
+        write_images(topo.disks(topology, sim.datastores))
+        with connect(sim.url, USER, password, insecure=True, timeout=5, attempts=2) as s, s.tag_client() as tags:
+            assert s.relogin is not None
+            moref = {v.name: v.moref for v in discover(s).vms}
+            tagged = tags.vm_tags(list(moref.values()))
+            address = sim.address
+            sim.stop()
+            sim = Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, password, listen=address)
+            images = write_images(topo.disks(topology, sim.datastores))
+            # the same session object after the restart: one login, the same inventory and references
+            assert {v.name: v.moref for v in discover(s).vms} == moref and s.relogin.logins == 1
+            assert nbd_digest(s, nbd_disk(sim.datastores, topology, "app-03", 1)) == images[("app-03", 1)]
+            assert tags.vm_tags(list(moref.values())) == tagged and tags.logins == 1
+            assert s.relogin.logins == 1
+
+            # restarted with another password: logging in again is refused, once, whatever is called next
+            sim.stop()
+            sim = Vcsim.start(topo.DEFAULT_TOPOLOGY, USER, changed, listen=address)
+            write_images(topo.disks(topology, sim.datastores))
+            logins = s.counter.calls["Login"]
+            errors: list[BaseException] = []
+            for call in (s.si.CurrentTime, lambda: read_one(s, vm_ref(s, moref["web-01"]), ["name"]),
+                         lambda: nbd_digest(s, nbd_disk(sim.datastores, topology, "web-01")), tags.categories):
+                with pytest.raises(AuthError) as err:
+                    call()
+                errors.append(err.value)
+            assert s.counter.calls["Login"] == logins + 1, s.counter.calls["Login"] - logins
+            assert tags.logins == 1
+            for e in errors:
+                assert "refused" in one_line(e) and password not in str(e) and changed not in str(e)
+    finally:
+        sim.stop()
