@@ -8,7 +8,8 @@ Three layers wrap the stub's `InvokeMethod`, so every SOAP call of every thread 
   timeout), and repeats a call that timed out or lost its connection, `attempts` times in all with a short
   back-off. A call that changes vCenter (a task, an inventory change) is repeated only when its request never
   left (the connection could not be made): its effect may already be under way. When the attempts are spent,
-  `VCenterUnresponsive` ("vCenter did not answer in N s", N = timeout x attempts) ends the job;
+  `VCenterUnresponsive` ("vCenter did not answer in N s", N = timeout x attempts) ends the job; until a call is
+  answered again, each later call gets a single attempt, so that ending the job does not wait as long per call;
 - `Relogin` logs in again, once, when vCenter says the session is gone (vCenter restarted, the session expired
   or was terminated), on the same stub, so every managed object reference keeps working, then repeats the call.
   Concurrent callers wait for that one login and reuse it. The datastore HTTP transport asks for a new cookie the
@@ -109,7 +110,7 @@ class Bounded:
         self.attempts = attempts
         self.wait = wait or tenacity.wait_exponential(multiplier=0.25, max=2)
         self.sleep = sleep
-        self.gave_up = False  # a call spent its attempts without an answer: vCenter is not answering
+        self.gave_up = False  # a call got no answer in its attempts, and none answered since
         self._local = threading.local()
 
     @property
@@ -139,7 +140,9 @@ class Bounded:
 
         def bounded(mo: Any, info: Any, args: Any, *rest: Any) -> Any:
             method = str(info.wsdlName)
-            attempts = 1 if getattr(local, "single", False) else self.attempts
+            # while vCenter is known not to answer, each call gets one attempt: a job ending on it (removing
+            # snapshots, detaching disks) is not held up attempts x timeout per call
+            attempts = 1 if getattr(local, "single", False) or self.gave_up else self.attempts
 
             def attempt() -> Any:
                 local.connected = False
@@ -153,7 +156,7 @@ class Bounded:
                                          sleep=self.sleep, reraise=True)
             started = time.monotonic()
             try:
-                return retrying(attempt)
+                result = retrying(attempt)
             except TRANSIENT as e:
                 made = int(retrying.statistics.get("attempt_number", 1))
                 if isinstance(e, TimeoutError):
@@ -166,6 +169,8 @@ class Bounded:
                         f"{method}: vCenter did not answer in {time.monotonic() - started:.0f} s ({made} attempts, "
                         f"{type(e).__name__})") from e
                 raise  # a change sent once, its connection lost: the caller's policy decides
+            self.gave_up = False  # it answers again
+            return result
 
         stub.GetConnection = connecting
         stub.InvokeMethod = bounded
