@@ -124,7 +124,8 @@ class HotAddTransport:
                 with _proxy_lock(self._proxy):
                     detach_disk(self._session, self._proxy, attached, retry=self._retry)
             except VSphereError as e:
-                raise TransportError(f"{self._disk}: hotadd: detach failed: {e}") from None
+                raise TransportError(f"{self._disk}: hotadd: detach failed: {e}",
+                                     left_behind=f"disk {attached.file} hot-added to {self._proxy}: {e}") from None
 
     def __enter__(self) -> Self:
         return self

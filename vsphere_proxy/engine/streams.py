@@ -144,6 +144,13 @@ class StreamRunner:
         self.closed: OrderedDict[AttemptKey, None] = OrderedDict()  # recently ended: late streams find them
         self.fault: JobFault | None = None  # the first fault met that ends the whole job
 
+    @staticmethod
+    def _left(at: Attempt, exc: BaseException) -> None:
+        """What a failure says it left in vCenter (`left_behind` on the exception) goes to the attempt's end."""
+        left = getattr(exc, "left_behind", "")
+        if isinstance(left, str) and left:
+            at.left.append(left)
+
     def _met(self, at: Attempt, exc: BaseException) -> None:
         """Keep a job-ending fault (the engine ends the job on it); other errors only fail the attempt."""
         if isinstance(exc, JobFault):
@@ -185,7 +192,8 @@ class StreamRunner:
                 except Exception as e:
                     own_failure = True
                     self._met(at, e)
-                    if isinstance(e, Unresponsive):  # the request may still be carried out once it answers
+                    self._left(at, e)
+                    if isinstance(e, Unresponsive) and not getattr(e, "left_behind", ""):
                         at.left.append(f"a snapshot of {a.vm} may have been made: its creation got no answer "
                                        f"({e})")
                     at.error = at.error or f"preparing {a.vm} on {a.proxy} failed: {e}"
@@ -225,6 +233,7 @@ class StreamRunner:
         except Exception as e:
             own_failure = True
             self._met(at, e)
+            self._left(at, e)
             with self.lock:
                 at.error = at.error or f"{a.mode} read of {a.vm} disk {a.disk} on {a.proxy} failed: {e}"
         finally:

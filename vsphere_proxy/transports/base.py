@@ -10,7 +10,12 @@ BLOCK = 4 << 20  # every transport reads fixed 4 MiB blocks; the last block of a
 
 
 class TransportError(Exception):
-    """A disk could not be read; the message names the disk, the transport and the cause."""
+    """A disk could not be read; the message names the disk, the transport and the cause. `left_behind`, when
+    set, says what the failure left in vCenter (a disk still hot-added): the job's report lists it."""
+
+    def __init__(self, message: str, *, left_behind: str = "") -> None:
+        super().__init__(message)
+        self.left_behind = left_behind
 
 
 @dataclass(frozen=True, slots=True)
