@@ -348,6 +348,11 @@ class Session:
         return KeepAlive(self, interval)
 
     @property
+    def unresponsive(self) -> bool:
+        """A call got no answer within its bound and none was answered since: cleanup may keep to one attempt."""
+        return self.bounded is not None and self.bounded.gave_up
+
+    @property
     def base_url(self) -> str:
         """scheme://host:port, the root of the REST (Automation API) endpoints."""
         parts = urlsplit(self.url)
