@@ -25,6 +25,7 @@ from adapters.errors import VSphereError
 from adapters.hotadd import AttachedDisk, attach_disk, detach_disk
 from adapters.retry import DEFAULT_RETRY, RetryPolicy
 from adapters.session import Session
+from adapters.tasks import TaskError
 from vsphere_proxy.transports import DiskSource, TransportError, flat_path
 from vsphere_proxy.transports.file import LocalDisk
 
@@ -99,8 +100,10 @@ class HotAddTransport:
             with _proxy_lock(self._proxy):
                 self._attached = attach_disk(self._session, self._proxy, disk.file, disk.capacity,
                                              retry=self._retry, job_id=self._job)
-        except VSphereError as e:
-            raise TransportError(f"{disk}: hotadd: {e}") from None
+        except VSphereError as e:  # unless vCenter refused it, the attach may still be carried out
+            left = "" if isinstance(e, TaskError) and e.fault is not None else \
+                f"disk {disk.file} may have been hot-added to {self._proxy}: {e}"
+            raise TransportError(f"{disk}: hotadd: {e}", left_behind=left) from None
         self._disk = disk
         try:
             self._file = LocalDisk(self._devices.path(self._attached, disk), disk, self.mode)

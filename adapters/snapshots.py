@@ -18,7 +18,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from adapters.errors import ConnectError, VSphereError
+from adapters.errors import VSphereError
 from adapters.properties import datastore_names, managed, read, read_one
 from adapters.properties import vm as vm_ref
 from adapters.retry import DEFAULT_RETRY, RetryPolicy
@@ -202,8 +202,9 @@ def create_snapshot(
 
     try:
         moref = retry.call(attempt, what)
-    except ConnectError as e:  # no answer: vCenter may still carry the request out once it answers again
-        e.left_behind = f"snapshot {name} of {vm_moref} may have been made: its creation got no answer"  # type: ignore[attr-defined]
+    except Exception as e:  # unless vCenter said the task failed, it may still carry the request out
+        if not (isinstance(e, TaskError) and e.fault is not None):
+            e.left_behind = f"snapshot {name} of {vm_moref} may have been made: {e}"  # type: ignore[attr-defined]
         raise
     try:
         disks = snapshot_disks(session, moref, retry=retry)
