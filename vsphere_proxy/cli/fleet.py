@@ -70,7 +70,7 @@ class Fleet:
                             job_context=job_context, watch_every=min(1.0, self.config.heartbeat),
                             on_start=on_start, on_end=on_end, on_proxy_lost=on_proxy_lost, on_change=on_change,
                             on_progress=on_progress, on_stream=on_stream, stall_seconds=stall_seconds,
-                            grace=self.config.idle_seconds)
+                            grace=max(self.config.idle_seconds, 30.0))
 
     def drain(self, stall_seconds: float, out: Console | None = None) -> None:
         """Wait until the streams a stopped coordinator left are gone: each ends on its worker (attempts no one

@@ -291,14 +291,19 @@ class StreamRunner:
                           result.bytes_written, self.clock() - at.started, result.point_id if ok else None,
                           result.notes, result.stats, result.read, (*at.left, *result.left_behind), at.fault)
 
-    def end(self, key: AttemptKey, error: str) -> AttemptEnd | None:
-        """End a running attempt now as failed (its streams stop at their next block); None when it ended."""
+    def end(self, key: AttemptKey, error: str, *, wait: float = 0.0, poll: float = 0.05) -> AttemptEnd | None:
+        """End a running attempt now as failed (its streams stop at their next block); None when it ended. With
+        `wait`, its streams get that long to leave (detaching what they attached) before it is finished."""
         with self.lock:
             at = self.attempts.get(key)
             if at is None or at.ended:
                 return None
             at.error = at.error or error
             at.ended = True
+            at.ready.set()
+        deadline = self.clock() + wait
+        while at.inflight and self.clock() < deadline:
+            self.sleep(poll)
         return self.close(at)
 
     def end_all(self, error: str, grace: float, *, cleanup: float | None = None,

@@ -187,11 +187,19 @@ class ProxyWorker:
         ends += [(at.job, at.vm, at.attempt, f"no disk handed to it for {self.idle_seconds:g} s: its coordinator "
                   "is gone") for at in self.runner.idle(self.idle_seconds)]
         for job, vm, attempt, why in ends:
-            end = self.runner.end((job, vm, attempt), why)
+            # in a thread of its own: its streams get a lease's length to leave (a disk being attached is
+            # detached) before the end is reported, while the heartbeat goes on renewing the other streams
+            threading.Thread(target=self._end, args=(job, vm, attempt, why), name=f"end-{vm}", daemon=True).start()
+
+    def _end(self, job: str, vm: str, attempt: int, why: str) -> None:
+        try:
+            end = self.runner.end((job, vm, attempt), why, wait=self.lease)
             if end is not None:
                 log.warning("%s attempt %d of job %s ended: %s", vm, attempt, job, why)
                 self._ended(job, end)
                 self._publish(job, {"kind": "end", "proxy": self.proxy, "end": end.to_json()})
+        except Exception:
+            log.exception("ending %s attempt %d of job %s failed", vm, attempt, job)
 
     def start(self) -> None:
         def loop() -> None:
