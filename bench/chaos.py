@@ -6,7 +6,7 @@ testbed (Redis, PostgreSQL, 3 proxy workers), otherwise the embedded engine's, w
 starts by putting the simulator back as a night finds it: it is resumed if paused, every snapshot of ours and every
 disk left hot-added is removed (what a night left there was counted against that night), dead workers are started
 again, and 0-3 random extents of random disks are rewritten (the seeded images' digests follow). Nights share one
-repository, on a tmpfs of its own (512 MiB) so that a night can fill it; each job reads every block
+repository, on a tmpfs of its own (1 GiB) so that a night can fill it; each job reads every block
 (`incremental: false`), so each night's points are full reads deduplicated against the earlier nights'. What a night
 did to the repository is undone at its end, after its checks: the filler removed, damaged files put back, so every
 night starts from a sound repository with room.
@@ -104,7 +104,7 @@ POLICY: dict[str, Any] = {"incremental": False, "stall_seconds": STALL, "lease_s
 DISTRIBUTED: dict[str, Any] = {"lease_seconds": 3, "heartbeat_seconds": 0.5, "idle_seconds": 3}
 GRACE = {"embedded": 30.0, "celery": float(DISTRIBUTED["idle_seconds"])}  # how long an ending job waits for streams
 KILL_AFTER = 20.0
-REPOSITORY_MIB = 512
+REPOSITORY_MIB = 1024
 GROUPS = ("web-*", "db-*", "app-*", "dev-*", "test-*")
 VERIFY_TIMEOUT = 120.0
 
@@ -412,6 +412,9 @@ class Fault:
             text += f": {self.result}"
         return text
 
+    def setup(self, timeout: float) -> None:
+        """Once the night's vCenter timeout is drawn."""
+
     def prepare(self, night: Night, bed: Bed) -> None:
         """Before the job starts."""
 
@@ -460,14 +463,14 @@ class PauseVcenter(Fault):
     def describe(self) -> str:
         return f"vCenter paused {self.seconds:.1f} s ({self.than})"
 
-    def prepare(self, night: Night, bed: Bed) -> None:
+    def setup(self, timeout: float) -> None:
         if self.length == "long":
-            self.seconds = self.factor * night.timeout_x_attempts
-            self.than = f"more than timeout x attempts {night.timeout_x_attempts:g} s"
+            self.seconds = self.factor * timeout * ATTEMPTS
+            self.than = f"more than timeout x attempts {timeout * ATTEMPTS:g} s"
         else:
-            self.seconds = self.factor * night.timeout
-            self.than = (f"less than the timeout {night.timeout:g} s" if self.length == "short" else
-                         f"more than the timeout {night.timeout:g} s, less than x attempts")
+            self.seconds = self.factor * timeout
+            self.than = (f"less than the timeout {timeout:g} s" if self.length == "short" else
+                         f"more than the timeout {timeout:g} s, less than x attempts")
         self.seconds = round(self.seconds, 1)
 
     def inject(self, night: Night, bed: Bed) -> None:
@@ -586,12 +589,13 @@ class SecondJob(Fault):
 
     def __init__(self, rng: random.Random) -> None:
         super().__init__(rng)
-        self.groups = sorted(rng.sample(GROUPS, 2))
+        self.own = rng.choice(GROUPS)  # the first job leaves these VMs out: the second backs them up beside it
+        self.groups = sorted([self.own, rng.choice([g for g in GROUPS if g != self.own])])
         self.trigger = Trigger(seconds=round(rng.uniform(0.5, 4.0), 1))
         self.job: Job | None = None
 
     def describe(self) -> str:
-        return f"second job over {', '.join(self.groups)}"
+        return f"second job over {', '.join(self.groups)} (the first's without {self.own})"
 
     def prepare(self, night: Night, bed: Bed) -> None:
         select = {"names": self.groups}
@@ -870,7 +874,13 @@ FAULTS: tuple[type[Fault], ...] = (PauseVcenter, DropSessions, RepositoryFull, C
                                    DamageManifest, DamageChunk, SignalJob, KillWorker)
 
 
-def draw_faults(rng: random.Random, engine: str) -> list[Fault]:
+def draw_night(seed: str, index: int, engines: tuple[str, ...]) -> tuple[random.Random, str, float, list[Fault]]:
+    """Night `index`'s generator, engine, vCenter timeout and faults: the same for the same seed."""
+    rng = random.Random(f"{seed}-{index}")
+    engine = rng.choice(engines)
+    timeout = rng.choice((2.0, 2.5, 3.0))
+    if engine == "celery":
+        timeout = WORKER_TIMEOUT  # the workers' too
     kinds = [f for f in FAULTS if engine in f.engines]
     first = rng.choice(kinds)
     chosen = [first]
@@ -878,7 +888,10 @@ def draw_faults(rng: random.Random, engine: str) -> list[Fault]:
         rest = [f for f in kinds if f is not first and f.kind not in first.excludes
                 and first.kind not in f.excludes]
         chosen.append(rng.choice(rest))
-    return [f(rng) for f in chosen]
+    faults = [f(rng) for f in chosen]
+    for fault in faults:
+        fault.setup(timeout)
+    return rng, engine, timeout, faults
 
 
 # ------------------------------------------------------------------------------------------------------------ a night
@@ -894,9 +907,12 @@ def write_config(bed: Bed, night: Night, name: str, select: dict[str, Any]) -> P
 
 
 def selected(bed: Bed, select: dict[str, Any]) -> set[str]:
-    if "/" in select.get("folders", []):
-        return set(bed.machines)
-    return {vm for vm in bed.machines if any(fnmatch.fnmatchcase(vm, p) for p in select.get("names", []))}
+    """The VMs a job's selection names (every VM of the testbed is under "/")."""
+    def any_of(vm: str, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(vm, p) for p in patterns)
+
+    return {vm for vm in bed.machines if ("/" in select.get("folders", []) or any_of(vm, select.get("names", [])))
+            and not any_of(vm, select.get("exclude", []))}
 
 
 def done_vms(night: Night) -> set[str]:
@@ -946,20 +962,17 @@ def restore_testbed(bed: Bed, night: Night) -> None:
 
 
 def run_night(bed: Bed, seed: str, index: int, engines: tuple[str, ...]) -> Night:
-    rng = random.Random(f"{seed}-{index}")
-    engine = rng.choice(engines)
-    timeout = rng.choice((2.0, 2.5, 3.0))
-    if engine == "celery":
-        timeout = WORKER_TIMEOUT
+    rng, engine, timeout, faults = draw_night(seed, index, engines)
     directory = bed.work / f"night-{index}"
     directory.mkdir()
-    night = Night(index, rng, engine, directory, timeout, bed.repository, bed.catalog_url, bed.fault_free[engine])
-    night.faults = draw_faults(rng, engine)
+    night = Night(index, rng, engine, directory, timeout, bed.repository, bed.catalog_url, bed.fault_free[engine],
+                  faults=faults)
     try:
         restore_testbed(bed, night)
         rewrite_disks(bed, night, seed)
         name = f"night-{index}"
-        select = {"folders": ["/"]}
+        select: dict[str, Any] = {"folders": ["/"]}
+        select["exclude"] = [f.own for f in night.faults if isinstance(f, SecondJob)]
         main = Job(name, night.dir / f"{name}.yaml", select, engine, night.dir / "job")
         night.jobs.append(main)
         for fault in night.faults:
@@ -1093,6 +1106,11 @@ def check_job(bed: Bed, night: Night, job: Job, catalog_full: bool) -> list[str]
         out.append(f"{who} took {job.seconds:.1f} s > bound {night.bound:.0f} s")
     report = job.report
     if report is None:
+        lines = job.stderr.strip().splitlines()
+        if (not job.killed and job.code in (2, 4, 5) and len(lines) == 1 and "error:" in lines[0]
+                and night.job_id(job) is None):  # refused before it began (as a hook sees it: exit code, one line)
+            night.notes.append(f"{job.name} did not begin: exit {job.code}, {job.last_error()}")
+            return out
         if not job.killed:
             out.append(f"{who} exit {job.code} without a report: {job.last_error()}")
         out += check_catalog_vms(bed, night, job)
@@ -1335,10 +1353,17 @@ def main() -> int:
                     help="the engine of every night, or a random one per night (default both)")
     ap.add_argument("--start", type=int, default=1, help="the first night's number (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, reports)")
+    ap.add_argument("--plan", action="store_true", help="only print what each night draws (engine, timeout, faults)")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
     print(f"seed {seed}", flush=True)
     engines: tuple[str, ...] = ("embedded", "celery") if args.engine == "both" else (args.engine,)
+    if args.plan:
+        for index in range(args.start, args.start + args.nights):
+            _, engine, timeout, faults = draw_night(str(seed), index, engines)
+            print(f"night {index} ({engine}, vCenter timeout {timeout:g} s): faults "
+                  f"[{', '.join(f.label() for f in faults)}]")
+        return 0
     if "celery" in engines and not shutil.which("redis-server"):
         raise SystemExit("--engine celery needs redis-server (testbed/setup.sh installs it)")
     signal.signal(signal.SIGTERM, _stop)
