@@ -173,23 +173,29 @@ def fill(directory: Path) -> None:
             os.fsync(f.fileno())
 
 
+def fill_mid_job(fleet: Fleet, config: Path, name: str, catalog: Catalog,
+                 mount: Path) -> tuple[int, dict[str, Any], float]:
+    """Run the job, fill `mount` once a VM is done; exit code, report, seconds from the filling to the end."""
+    try:
+        job = fleet.backup(config, engine="embedded")
+        job_id = job_in_catalog(catalog, name)
+        wait_for("a VM done", lambda: done_count(catalog, job_id) >= 1, every=0.05)
+        fill(mount)
+        started = time.monotonic()
+        code, report = finished(job, timeout=180)
+        return code, report, time.monotonic() - started
+    finally:
+        catalog.close()
+
+
 def test_a_catalog_that_fills_mid_job_ends_the_job_with_the_reason(fleet: Fleet) -> None:
     with small_tmpfs(fleet.work / "small-catalog", "4m") as mount:
         config = fleet.variant("full-catalog", incremental=False)
         data: dict[str, Any] = yaml.safe_load(config.read_text())
         data["repository"]["catalog"] = f"sqlite:///{mount / 'catalog.sqlite'}"
         config.write_text(yaml.safe_dump(data))
-        catalog = Catalog.open(mount / "catalog.sqlite")
-        try:
-            job = fleet.backup(config, engine="embedded")
-            job_id = job_in_catalog(catalog, "full-catalog")
-            wait_for("a VM done", lambda: done_count(catalog, job_id) >= 1, every=0.05)
-            fill(mount)
-            started = time.monotonic()
-            code, report = finished(job, timeout=180)
-            took = time.monotonic() - started
-        finally:
-            catalog.close()
+        code, report, took = fill_mid_job(fleet, config, "full-catalog", Catalog.open(mount / "catalog.sqlite"),
+                                          mount)
     assert code == 4, report
     assert report["status"] == "failed" and took < 120, (took, report)
     failed = [v["error"] for v in report["vms"] if v["status"] == "failed"]
@@ -206,17 +212,7 @@ def test_a_repository_that_fills_mid_job_ends_the_job_and_still_restores(fleet: 
         data: dict[str, Any] = yaml.safe_load(config.read_text())
         data["repository"]["path"] = str(mount / "repository")
         config.write_text(yaml.safe_dump(data))
-        catalog = Catalog.open(fleet.catalog_url)
-        try:
-            job = fleet.backup(config, engine="embedded")
-            job_id = job_in_catalog(catalog, "full-repository")
-            wait_for("a VM done", lambda: done_count(catalog, job_id) >= 1, every=0.05)
-            fill(mount)
-            started = time.monotonic()
-            code, report = finished(job, timeout=180)
-            took = time.monotonic() - started
-        finally:
-            catalog.close()
+        code, report, took = fill_mid_job(fleet, config, "full-repository", Catalog.open(fleet.catalog_url), mount)
         assert code == 4 and report["status"] == "failed" and took < 120, (took, report)
         failed = [v["error"] for v in report["vms"] if v["status"] == "failed"]
         assert failed and any("repository full: " in why and str(mount) in why for why in failed), failed
