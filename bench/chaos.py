@@ -102,7 +102,8 @@ WORKER_TIMEOUT = 3.0  # the proxy workers' vcenter.timeout (a Celery night uses 
 STALL = 10.0
 POLICY: dict[str, Any] = {"incremental": False, "stall_seconds": STALL, "lease_seconds": 6}
 DISTRIBUTED: dict[str, Any] = {"lease_seconds": 3, "heartbeat_seconds": 0.5, "idle_seconds": 3}
-GRACE = {"embedded": 30.0, "celery": float(DISTRIBUTED["idle_seconds"])}  # how long an ending job waits for streams
+# how long an ending job waits for its streams to leave (the distributed engine: at least 30 s for its workers)
+GRACE = {"embedded": 30.0, "celery": max(float(DISTRIBUTED["idle_seconds"]), 30.0)}
 KILL_AFTER = 20.0
 REPOSITORY_MIB = 1024
 GROUPS = ("web-*", "db-*", "app-*", "dev-*", "test-*")
@@ -1378,9 +1379,10 @@ def main() -> int:
             for engine in engines:
                 bed.fault_free[engine] = fault_free(bed, engine)
             print("bound of a night: 1.5 x the fault-free job + 10 s; + timeout x attempts x 2 when vCenter is hit; "
-                  "+ the grace time (embedded 30 s, celery 3 s) when a fault may end the job; + the pause, the "
-                  f"second job, 15 s for a full catalog, {STALL:g} + 3 s for a killed worker; killed "
-                  f"{KILL_AFTER:g} s past it", flush=True)
+                  f"+ the grace time (embedded {GRACE['embedded']:g} s, celery {GRACE['celery']:g} s) when a fault "
+                  f"may end the job; + the pause, the second job, 15 s for a full catalog, {STALL:g} + "
+                  f"{DISTRIBUTED['lease_seconds']:g} s for a killed worker; a job is killed {KILL_AFTER:g} s past it",
+                  flush=True)
             for index in range(args.start, args.start + args.nights):
                 t = time.monotonic()
                 night = run_night(bed, str(seed), index, engines)
