@@ -1371,7 +1371,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
     violations = 0
     nights = 0
-    started = time.monotonic()
+    interrupted = False
+    started = first = time.monotonic()
     try:
         with testbed(work, engines) as bed:
             print(f"testbed: {len(bed.machines)} VMs, {len(bed.disks)} disks, "
@@ -1383,12 +1384,12 @@ def main() -> int:
                   f"may end the job; + the pause, the second job, 15 s for a full catalog, {STALL:g} + "
                   f"{DISTRIBUTED['lease_seconds']:g} s for a killed worker; a job is killed {KILL_AFTER:g} s past it",
                   flush=True)
+            first = time.monotonic()
             for index in range(args.start, args.start + args.nights):
-                t = time.monotonic()
                 night = run_night(bed, str(seed), index, engines)
                 nights += 1
                 violations += len(night.violations)
-                print(night_line(night) + f" [{time.monotonic() - t:.0f} s]", flush=True)
+                print(night_line(night), flush=True)
                 for note in night.notes:
                     print(f"  night {index}: {note}", flush=True)
                 if bed.sim.process.poll() is not None:
@@ -1396,14 +1397,20 @@ def main() -> int:
                     print(f"the simulator exited ({bed.sim.process.returncode}); no further night can run:\n"
                           f"{bed.sim.stderr_tail(10)}", flush=True)
                     break
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"work directory kept: {work}", flush=True)
-    print(f"{nights} nights in {time.monotonic() - started:.0f} s", flush=True)
+    if interrupted:
+        print(f"interrupted after {nights} nights", flush=True)
+    elif nights:
+        print(f"{nights} nights in {time.monotonic() - first:.0f} s ({(time.monotonic() - first) / nights:.1f} s a "
+              f"night; with the testbed's start {time.monotonic() - started:.0f} s)", flush=True)
     print(f"nights {nights}, invariant violations {violations}", flush=True)
-    return 1 if violations else 0
+    return 130 if interrupted else 1 if violations else 0
 
 
 if __name__ == "__main__":
