@@ -16,10 +16,11 @@ VSPHERE_PASSWORD) with short limits (vCenter timeout 2-3 s, 2 attempts a call, `
 3 rounds, streams throttled to 8 MB/s so a job lasts some seconds). The faults, each at a random time after the
 job's start or once a random number of its VMs are done (per the catalog):
 
-- vCenter paused (SIGSTOP) for less or for more than timeout x attempts, then resumed; its sessions dropped
-  (SIGUSR1, as a vCenter restart does);
+- vCenter paused (SIGSTOP) for less than one call's timeout, for more but less than timeout x attempts, or for more
+  than that, then resumed (SIGCONT); its sessions dropped (SIGUSR1, as a vCenter restart does);
 - the repository's file system fills; the catalog's does (a fresh SQLite catalog on a small tmpfs; embedded engine);
-- a second job over an overlapping set of VMs; `backup --resume` of the running job;
+- a second job over two groups of VMs: one the first job leaves out (both jobs back up at once) and one it backs
+  up (the second must skip those); `backup --resume` of the running job;
 - a truncated manifest, a flipped byte in a chunk file: before the job (a chunk so damaged is first found by a
   `verify`, as the admin's would) or in its middle;
 - SIGTERM or SIGINT to the job's process; SIGKILL to a proxy worker (Celery).
@@ -38,13 +39,23 @@ After each night, the invariants (each breach is a violation):
   is no longer stored, and truncated manifests), and leaves no corrupt chunk in place; a chunk found corrupt before
   the job is stored again by the job when it reads the same bytes;
 - every disk of every VM a job backed up restores (`restore --vm V --disk D --point P --to F`) to the bytes the
-  disk held; a point broken by the damage must fail to restore, never give other bytes.
+  disk held; a point broken by the damage must fail to restore, never give other bytes;
+- when it is the only fault that struck: a pause shorter than the timeout, dropped sessions, a damaged manifest or
+  chunk, `--resume` (refused: exit 2, one line) and a second job leave the job(s) complete, exit 0; a signal ends
+  the job interrupted, exit 128 + the signal, its VMs not done reading "interrupted by SIG..."; a full repository
+  fails the VMs not done with "repository full: ...". Neither job may back up a VM while the other does, nor sweep
+  what the other made, and no VM is skipped as busy by both.
+A job refused before it began (exit 2, 4 or 5 with one line on stderr, never in the catalog: the second job when
+the catalog is full) is what a hook sees, not a violation; the night's notes say so.
 
 The seed is printed first; night i draws everything from random.Random(f"{seed}-{i}"), so `--seed S --start i
 --nights 1` draws night i again (on a testbed that has not lived the nights before it). Restores run through the
 CLI's `main` in one helper process (testbed/chaos.py), so that one costs milliseconds, not an interpreter start.
 
-    python3 bench/chaos.py [--nights 30] [--seed S] [--engine embedded|celery|both] [--start 1] [--keep]
+    python3 bench/chaos.py [--nights 30] [--seed S] [--engine embedded|celery|both] [--start 1] [--keep] [--plan]
+
+`--plan` prints what the nights draw without running them; `--keep` keeps the work directory (each night's
+configs, the jobs' JSON reports and stderr, the workers' logs).
 """
 
 from __future__ import annotations
