@@ -52,7 +52,7 @@ from vsphere_proxy.config import Config
 from vsphere_proxy.coordinator import Assignment, Coordinator
 from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.control import JobControl
-from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
+from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine, describe
 from vsphere_proxy.engine.lease import LeaseKeeper
 from vsphere_proxy.engine.streams import StreamResult
 from vsphere_proxy.ledger import InMemoryLedger
@@ -161,20 +161,11 @@ def run_backup(config: Config, found: Discovered, repo: Repository, *, show_prog
         return _run_backup(config, found, repo, show_progress=show_progress, engine=engine, resume=resume,
                            control=control or JobControl())
     except SQLAlchemyError as e:
-        raise CommandError(f"repository.catalog: {type(e).__name__}: {one_line(e)}", EXIT_FAILED) from None
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise CommandError(f"repository.catalog: {describe(e)}", EXIT_FAILED) from None
 
 
 def _run_backup(config: Config, found: Discovered, repo: Repository, *, show_progress: bool, engine: str,
                 resume: str | None, control: JobControl) -> BackupReport:
-    from adapters.backup import VSphereSnapshotter
-    from adapters.hotadd import sweep_attached
-    from adapters.snapshots import sweep_snapshots
-
     policy = config.job.policy
     holder = lease_holder()
     catalog = open_catalog(config)
@@ -215,8 +206,7 @@ def _run_backup(config: Config, found: Discovered, repo: Repository, *, show_pro
 
     try:
         return _run_leased(config, found, repo, catalog, fleet, setup, earlier, job_id, renew, spare,
-                           show_progress=show_progress, engine=engine, control=control,
-                           sweeps=(sweep_snapshots, sweep_attached), snapshotter=VSphereSnapshotter)
+                           show_progress=show_progress, engine=engine, control=control)
     finally:
         with contextlib.suppress(Exception):  # a dead lease expires by itself
             catalog.end_lease(job_id)
@@ -229,9 +219,11 @@ def _run_backup(config: Config, found: Discovered, repo: Repository, *, show_pro
 
 def _run_leased(config: Config, found: Discovered, repo: Repository, catalog: Catalog, fleet: Fleet | None,
                 setup: JobSetup, earlier: Earlier | None, job_id: str, renew: Callable[[], bool],
-                spare: Callable[[str], bool], *, show_progress: bool, engine: str, control: JobControl,
-                sweeps: tuple[Any, Any], snapshotter: Any) -> BackupReport:
-    sweep_snapshots, sweep_attached = sweeps
+                spare: Callable[[str], bool], *, show_progress: bool, engine: str, control: JobControl) -> BackupReport:
+    from adapters.backup import VSphereSnapshotter
+    from adapters.hotadd import sweep_attached
+    from adapters.snapshots import sweep_snapshots
+
     session = found.session
     policy = config.job.policy
     setup, busy = claim_vms(catalog, config, job_id, setup, renew)
@@ -298,7 +290,7 @@ def _run_leased(config: Config, found: Discovered, repo: Repository, catalog: Ca
                 job_report = celery_engine.run(coordinator)
                 dispatch = celery_engine.stats.to_json()
             else:
-                vsphere = snapshotter(session, found.inventory.datacenter, vms,
+                vsphere = VSphereSnapshotter(session, found.inventory.datacenter, vms,
                                       proxy_access(config, setup.proxies), job_id, quiesce=policy.quiesce)
                 preparer = RepositoryPreparer(vsphere, repo, job_id, vms, incremental=policy.incremental)
 
@@ -327,7 +319,7 @@ def _run_leased(config: Config, found: Discovered, repo: Repository, catalog: Ca
         try:
             fn()
         except Exception as e:  # a full or unreachable catalog: the job's report still reaches the admin
-            problems.append(f"catalog: {what} could not be recorded: {type(e).__name__}: {one_line(e)}")
+            problems.append(f"catalog: {what} could not be recorded: {describe(e)}")
 
     kept("the VMs' states", lambda: states.changed(coordinator, [vm.name for vm in setup.job.vms]))
     if earlier is not None:
