@@ -1,48 +1,128 @@
-"""Injected transport faults for tests: every VM's first attempt fails at its disk's second block, on the real
-transport (hot-add really attaches, NBD really reads), so that each VM is stranded once and recovered in round 2."""
+"""Injected read faults for tests, through the job's `VCenterBackend` seam (nothing is patched): `FailingReads`
+is the real backend, except that its snapshots' transports fail where a rule says, on the real transport (hot-add
+really attaches, NBD really reads). `backup_with` runs the configuration's backup job on such a backend."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
-import pytest
+from vsphere_proxy.cli.common import open_catalog, open_repository, read_config, vcenter
+from vsphere_proxy.coordinator import Assignment
+from vsphere_proxy.engine.attempt import SnapshotDiskInfo, Snapshotter, VmSnapshot
+from vsphere_proxy.jobs.backend import Swept, VCenterBackend
+from vsphere_proxy.jobs.backup import BackupRun
+from vsphere_proxy.model import VM, Inventory, Proxy
+from vsphere_proxy.transports import BLOCK, DiskSource, Transport, TransportError
 
-from vsphere_proxy.engine import attempt as attempt_module
-from vsphere_proxy.transports import BLOCK, TransportError
+Rule = Callable[[str, int], bool]  # (vm, block offset) -> whether this read fails
 
 
-class FailingOnce:
-    """Delegates to the real transport; fails once per VM at the second block."""
+class FailingTransport:
+    """Delegates to the real transport; a read the rule picks raises, and is noted in `failed` (vm -> mode)."""
 
-    def __init__(self, inner: Any, vm: str, failed: dict[str, str]) -> None:
-        self.inner, self.vm, self.mode, self.failed = inner, vm, inner.mode, failed
+    def __init__(self, inner: Transport, vm: str, rule: Rule, failed: dict[str, str]) -> None:
+        self.inner, self.vm, self.mode, self.rule, self.failed = inner, vm, inner.mode, rule, failed
 
-    def open(self, disk: Any) -> None:
+    def open(self, disk: DiskSource) -> None:
         self.inner.open(disk)
 
     def read_block(self, offset: int, length: int) -> bytes:
-        if offset == BLOCK and self.vm not in self.failed:
-            self.failed[self.vm] = self.mode
-            raise TransportError(f"{self.mode}: injected failure at offset {offset}")
+        if self.rule(self.vm, offset):
+            self.failed.setdefault(self.vm, self.mode)
+            raise TransportError(f"{self.mode}: injected failure of {self.vm} at offset {offset}")
         return bytes(self.inner.read_block(offset, length))
 
     def close(self) -> None:
         self.inner.close()
 
-    def __enter__(self) -> FailingOnce:
+    def __enter__(self) -> FailingTransport:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def fail_each_vm_once(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Patch the attempt's transport; returns vm -> access mode of the read that failed (filled as it happens)."""
-    failed: dict[str, str] = {}
-    real = attempt_module.RepositorySession.transport
+class _Snapshot:
+    def __init__(self, inner: VmSnapshot, vm: str, owner: FailingReads) -> None:
+        self.inner, self.vm, self.owner = inner, vm, owner
+        self.name: str = inner.name
+        self.disks: tuple[SnapshotDiskInfo, ...] = inner.disks
 
-    def transport(self: Any) -> Any:
-        return FailingOnce(real(self), self.assignment.vm, failed)
+    def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
+        return self.inner.changed_areas(disk, since)
 
-    monkeypatch.setattr(attempt_module.RepositorySession, "transport", transport)
-    return failed
+    def transport(self, mode: str) -> Transport:
+        return FailingTransport(self.inner.transport(mode), self.vm, self.owner.rule, self.owner.failed)
+
+    def release(self) -> None:
+        self.inner.release()
+
+
+class _Snapshotter:
+    def __init__(self, inner: Snapshotter, owner: FailingReads) -> None:
+        self.inner, self.owner = inner, owner
+
+    def snapshot(self, assignment: Assignment) -> _Snapshot:
+        return _Snapshot(self.inner.snapshot(assignment), assignment.vm, self.owner)
+
+
+class FailingReads:
+    """A `VCenterBackend`: `inner` in everything, except the reads `rule` picks."""
+
+    def __init__(self, inner: VCenterBackend, rule: Rule) -> None:
+        self.inner = inner
+        self.rule = rule
+        self.failed: dict[str, str] = {}  # vm -> access mode of its first failed read, filled as it happens
+
+    @property
+    def datacenter(self) -> str:
+        return self.inner.datacenter
+
+    def discover(self) -> Inventory:
+        return self.inner.discover()
+
+    def keep_alive(self) -> AbstractContextManager[object]:
+        return self.inner.keep_alive()
+
+    def sweep(self, vms: Sequence[str], proxies: Sequence[str], *, spare: Callable[[str], bool] | None = None,
+              job_id: str | None = None) -> Swept:
+        return self.inner.sweep(vms, proxies, spare=spare, job_id=job_id)
+
+    def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
+                    quiesce: bool) -> _Snapshotter:
+        return _Snapshotter(self.inner.snapshotter(vms, proxies, job_id, quiesce=quiesce), self)
+
+
+def each_vm_once(backend: VCenterBackend) -> FailingReads:
+    """Every VM's first attempt fails at its disk's second block: each VM is stranded once, recovered later."""
+    failing: FailingReads
+
+    def rule(vm: str, offset: int) -> bool:
+        return offset == BLOCK and vm not in failing.failed
+
+    failing = FailingReads(backend, rule)
+    return failing
+
+
+def every_read_of(vm: str) -> Callable[[VCenterBackend], FailingReads]:
+    """Every read of `vm` fails, in every round."""
+    return lambda backend: FailingReads(backend, lambda name, _: name == vm)
+
+
+def backup_with(config_path: Path, wrap: Callable[[VCenterBackend], FailingReads]) -> tuple[int, dict[str, Any],
+                                                                                            FailingReads]:
+    """Run the configuration's backup job (embedded engine) on the wrapped real backend: the exit code the
+    `backup` command gives, the report as `backup --json` prints it, and the faulty backend."""
+    config = read_config(str(config_path))
+    repo = open_repository(config, create=True)
+    with vcenter(config) as found:
+        backend = wrap(found.backend)
+        catalog = open_catalog(config)
+        try:
+            report = BackupRun(config, backend, repo, catalog, inventory=found.inventory).run()
+        finally:
+            catalog.close()
+    return report.exit_code, report.to_json(), backend

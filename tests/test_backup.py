@@ -28,15 +28,14 @@ from adapters.snapshots import list_snapshots
 from adapters.tasks import wait_for_task
 from testbed import topology as topo
 from testbed.bed import USER, own_testbed
-from testbed.faults import fail_each_vm_once
+from testbed.faults import backup_with, each_vm_once, every_read_of
 from testbed.images import sha256_file
 from testbed.launcher import Vcsim
 from testbed.writes import rewrite
 from vsphere_proxy.catalog import Catalog
 from vsphere_proxy.cli import main
-from vsphere_proxy.engine import attempt as attempt_module
 from vsphere_proxy.repository import Repository
-from vsphere_proxy.transports import BLOCK, TransportError
+from vsphere_proxy.transports import BLOCK
 
 pytestmark = pytest.mark.integration
 
@@ -207,10 +206,9 @@ def test_a_cbt_reset_makes_the_next_backup_a_full_read_and_says_why(bed: Bed) ->
     assert code == 2
 
 
-def test_a_transport_failing_mid_disk_strands_the_vm_and_leaves_no_snapshot_or_attached_disk(
-        bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
-    failed = fail_each_vm_once(monkeypatch)
-    code, report = backup(bed.variant("full-reads", incremental=False))
+def test_a_transport_failing_mid_disk_strands_the_vm_and_leaves_no_snapshot_or_attached_disk(bed: Bed) -> None:
+    code, report, backend = backup_with(bed.variant("full-reads", incremental=False), each_vm_once)
+    failed = backend.failed
     assert code == 0 and report["status"] == "complete" and report["rounds"] == 2, report
     assert {"san", "hotadd", "nbd"} <= set(failed.values()), failed
     lines = {v["vm"]: v for v in report["vms"]}
@@ -247,20 +245,9 @@ def test_a_transport_failing_mid_disk_strands_the_vm_and_leaves_no_snapshot_or_a
     assert text.count('<rect class="bar ') == len(streams) and text.count('class="lane"') == drawn["lanes"]
 
 
-def test_a_vm_that_fails_in_every_round_makes_the_job_partial_with_exit_3(
-        bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = attempt_module.RepositorySession.transport
-
-    def transport(self: Any) -> Any:
-        inner = real(self)
-        if self.assignment.vm == "web-04":
-            def fail(offset: int, length: int) -> bytes:
-                raise TransportError(f"{inner.mode}: injected failure of web-04")
-            inner.read_block = fail
-        return inner
-
-    monkeypatch.setattr(attempt_module.RepositorySession, "transport", transport)
-    code, report = backup(bed.variant("web", select={"names": ["web-*"]}, rounds=2, incremental=False))
+def test_a_vm_that_fails_in_every_round_makes_the_job_partial_with_exit_3(bed: Bed) -> None:
+    code, report, _ = backup_with(bed.variant("web", select={"names": ["web-*"]}, rounds=2, incremental=False),
+                                  every_read_of("web-04"))
     lines = {v["vm"]: v for v in report["vms"]}
     assert code == 3 and report["status"] == "partial", report
     assert lines["web-04"]["status"] == "failed" and "injected failure of web-04" in lines["web-04"]["error"]

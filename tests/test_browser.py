@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from testbed.bed import own_testbed
-from testbed.faults import fail_each_vm_once
+from testbed.faults import backup_with, each_vm_once
 from testbed.redis_server import free_port
 from vsphere_proxy.cli import main
 
@@ -118,17 +118,15 @@ def test_the_skewed_simulation_report(browser: Any, capsys: pytest.CaptureFixtur
     browser.save_screenshot(str(ARTIFACTS / "report-skewed-simulation.png"))
 
 
-def test_a_real_job_report_shows_its_stranded_then_recovered_vms(browser: Any, bed: Bed, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_real_job_report_shows_its_stranded_then_recovered_vms(browser: Any, bed: Bed, tmp_path: Path) -> None:
     data = yaml.safe_load(bed.config.read_text())
     data["repository"] = {"path": str(tmp_path / "repository")}
     data["job"]["policy"] = {"incremental": False}
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(data))
-    failed = fail_each_vm_once(monkeypatch)
-    assert main(["backup", "--config", str(config), "--json"]) == 0
-    job_id = json.loads(capsys.readouterr().out)["job_id"]
+    code, report, backend = backup_with(config, each_vm_once)
+    assert code == 0, report
+    failed, job_id = backend.failed, report["job_id"]
     page = ARTIFACTS / "report-testbed-job.html"
     assert main(["report", "--config", str(config), "--job", job_id, "--html", str(page)]) == 0
     browser.get(page.as_uri())

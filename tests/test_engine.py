@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, Job, Policy, VmStatus, WorkDisk, WorkVM
-from vsphere_proxy.engine.embedded import AttemptEnd, EmbeddedEngine
+from vsphere_proxy.engine.embedded import EmbeddedEngine
+from vsphere_proxy.engine.events import AttemptEnd
+from vsphere_proxy.engine.protocol import Observer
 from vsphere_proxy.engine.session import Finished
 from vsphere_proxy.engine.streams import StreamRunner
 from vsphere_proxy.ledger import InMemoryLedger
@@ -82,6 +84,16 @@ def setup(tmp_path: Path, sizes: dict[str, list[tuple[int, str]]]) -> tuple[list
     return vms, digests
 
 
+class Ends(Observer):
+    """Every attempt's end, in order."""
+
+    def __init__(self) -> None:
+        self.ends: list[AttemptEnd] = []
+
+    def attempt_ended(self, end: AttemptEnd) -> None:
+        self.ends.append(end)
+
+
 def run(tmp_path: Path, vms: list[WorkVM], fail: set[str] = frozenset(), stall: float = 60,
         hang: threading.Event | None = None) -> tuple[Any, Repository, list[AttemptEnd]]:
     repo = Repository.init(tmp_path / "repo")
@@ -95,9 +107,9 @@ def run(tmp_path: Path, vms: list[WorkVM], fail: set[str] = frozenset(), stall: 
         def prepare(self, a: Assignment) -> LocalFilesSession:
             return LocalFilesSession(tmp_path, repo, a, by_name[a.vm], fail, hang)
 
-    ends: list[AttemptEnd] = []
-    report = EmbeddedEngine(Preparer(), stall_seconds=stall, tick=0.05, on_end=ends.append).run(coordinator)
-    return report, repo, ends
+    ends = Ends()
+    report = EmbeddedEngine(Preparer(), stall_seconds=stall, tick=0.05).run(coordinator, ends)
+    return report, repo, ends.ends
 
 
 def test_every_disk_is_backed_up_and_restores_bit_for_bit(tmp_path: Path) -> None:
@@ -221,9 +233,10 @@ def engine_for(tmp_path: Path, vms: list[WorkVM], prepare: Any, **kwargs: Any) -
     return EmbeddedEngine(Preparer(), tick=0.05, **kwargs), coordinator, repo
 
 
-def run_bounded(engine: EmbeddedEngine, coordinator: Coordinator, seconds: float = 30) -> Any:
+def run_bounded(engine: EmbeddedEngine, coordinator: Coordinator, seconds: float = 30,
+                observer: Observer | None = None) -> Any:
     out: list[Any] = []
-    worker = threading.Thread(target=lambda: out.append(engine.run(coordinator)), daemon=True)
+    worker = threading.Thread(target=lambda: out.append(engine.run(coordinator, observer)), daemon=True)
     worker.start()
     worker.join(seconds)
     assert out, "the job did not end"
@@ -250,11 +263,12 @@ def test_a_fault_that_ends_the_job_fails_every_vm_left_with_its_reason(tmp_path:
 def test_an_observer_that_raises_ends_the_job_instead_of_hanging_it(tmp_path: Path) -> None:
     vms, _ = setup(tmp_path, {f"vm{i}": [(BLOCK, "ds1")] for i in range(4)})
 
-    def full_catalog(end: AttemptEnd) -> None:
-        raise OSError(28, "database or disk is full")
+    class FullCatalog(Observer):
+        def attempt_ended(self, end: AttemptEnd) -> None:
+            raise OSError(28, "database or disk is full")
 
-    engine, coordinator, _ = engine_for(tmp_path, vms, lambda a: None, on_end=full_catalog)
-    report = run_bounded(engine, coordinator)
+    engine, coordinator, _ = engine_for(tmp_path, vms, lambda a: None)
+    report = run_bounded(engine, coordinator, observer=FullCatalog())
     assert report.status == "failed" and engine.stopped is not None
     assert "disk is full" in engine.stopped.reason
     assert all(v.status in (VmStatus.DONE, VmStatus.FAILED) for v in report.vms)
@@ -269,12 +283,12 @@ def test_stop_ends_the_job_interrupted_and_finishes_the_running_attempts(tmp_pat
     def prepare(a: Assignment) -> None:
         started.set()
 
-    ends: list[AttemptEnd] = []
-    engine, coordinator, repo = engine_for(tmp_path, vms, prepare, on_end=ends.append,
-                                           throttle={"p1": 2 * BLOCK, "p2": 2 * BLOCK})
+    observer = Ends()
+    ends = observer.ends
+    engine, coordinator, repo = engine_for(tmp_path, vms, prepare, throttle={"p1": 2 * BLOCK, "p2": 2 * BLOCK})
     engine_box.append(engine)
     threading.Thread(target=lambda: (started.wait(10), engine.stop("interrupted by SIGTERM")), daemon=True).start()
-    report = run_bounded(engine, coordinator)
+    report = run_bounded(engine, coordinator, observer=observer)
     assert report.status == "interrupted"
     assert any(v.status is VmStatus.FAILED and v.error == "interrupted by SIGTERM" for v in report.vms)
     assert ends and all(not e.ok for e in ends if "interrupted" in e.error)

@@ -183,6 +183,15 @@ def test_an_observer_that_raises_ends_the_job_failed_with_the_reason(repo: Repos
     assert job is not None and job.status == "failed"
 
 
+def test_an_observer_that_raises_on_the_last_end_makes_the_job_exit_4_with_the_reason(
+        repo: Repository, catalog: Catalog) -> None:
+    backend = FakeBackend.build(1)  # the first end is the last: every VM is backed up when the observer breaks
+    report = run_bounded(BackupRun(config_for(backend, repo), backend, repo, catalog), BreaksOnFirstEnd())
+    assert report.exit_code == 4, report.to_json()
+    assert any("observer broke on vm-01" in p for p in report.problems), report.problems
+    assert backend.present == []
+
+
 def test_a_selection_matching_no_vm_is_a_bad_job_naming_the_field(repo: Repository, catalog: Catalog) -> None:
     backend = FakeBackend.build(2)
     run = BackupRun(config_for(backend, repo, names=("db-*",)), backend, repo, catalog)

@@ -33,3 +33,17 @@ def test_adapters_import_the_model_never_the_reverse() -> None:
     used = set().union(*(imports(p) for p in adapters.glob("*.py")))
     assert "vsphere_proxy.model" in used
     assert not {n for n in used if n.startswith("vsphere_proxy.cli")}
+
+
+def test_the_job_runner_is_core_code_and_commands_do_not_import_each_other() -> None:
+    jobs = sorted(p.name for p in (CORE / "jobs").glob("*.py"))
+    assert {"backup.py", "backend.py", "recorder.py", "resume.py", "setup.py"} <= set(jobs)
+    cli = CORE / "cli"
+    helpers = {"common", "signals", "__init__"}  # shared by every command, commands themselves are not
+    commands = {p.stem for p in cli.glob("*.py")} - helpers
+    for path in cli.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        used = {n.rsplit(".", 1)[-1] for n in imports(path) if n.startswith("vsphere_proxy.cli.")}
+        assert not used & commands, f"{path.name} imports the commands {sorted(used & commands)}"
+    assert "adapters" not in {n.split(".")[0] for p in (CORE / "jobs").glob("*.py") for n in imports(p)}

@@ -15,8 +15,8 @@ import pytest
 from adapters.discovery import discover
 from adapters.session import connect
 from adapters.tags import TagClient
-from vsphere_proxy.cli.plan import make_plan
 from vsphere_proxy.config import load_config
+from vsphere_proxy.jobs.plan import make_plan
 from vsphere_proxy.tiers import eligible_proxies
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from test_engine import LocalFilesSession, setup
 
 from testbed.redis_server import RedisServer
 from vsphere_proxy.coordinator import Assignment, WorkVM
-from vsphere_proxy.engine.streams import AttemptEnd
+from vsphere_proxy.engine.events import AttemptEnd
 from vsphere_proxy.engine.worker import ProxyWorker, assignment_from_json, assignment_to_json, events_key, heartbeat_key
 from vsphere_proxy.ledger import Stream
 from vsphere_proxy.ledger_redis import RedisLedger

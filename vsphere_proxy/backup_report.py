@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vsphere_proxy.coordinator import JobReport, VmStatus
-from vsphere_proxy.engine.streams import AttemptEnd
+from vsphere_proxy.engine.events import AttemptEnd
 
 EXIT_FOR_STATUS = {"complete": 0, "partial": 3, "failed": 4}
 

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from vsphere_proxy.catalog import Catalog, CatalogError
 from vsphere_proxy.config import Config, ConfigError, load_config
+from vsphere_proxy.jobs.errors import BadJob, JobError
 from vsphere_proxy.model import Inventory
 from vsphere_proxy.repository import Repository, RepositoryError, RepositoryLocked
 
@@ -49,6 +50,11 @@ class CommandError(Exception):
 def repository_failure(e: RepositoryError) -> CommandError:
     """A repository error as the command's failure: EXIT_LOCKED when another process holds the repository."""
     return CommandError(str(e), EXIT_LOCKED if isinstance(e, RepositoryLocked) else EXIT_FAILED)
+
+
+def job_failure(e: JobError) -> CommandError:
+    """A job's error as the command's failure: EXIT_BAD_INPUT when nothing was done because of what was asked."""
+    return CommandError(str(e), EXIT_BAD_INPUT if isinstance(e, BadJob) else EXIT_FAILED)
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -92,13 +98,19 @@ def open_catalog(config: Config) -> Catalog:
 class Discovered:
     config: Config
     inventory: Inventory
-    session: Any = None  # the logged-in adapters.session.Session, open until the `vcenter` block ends
+    backend: Any = None  # adapters.backend.VSphereBackend: the job's VCenterBackend, open until the block ends
+
+    @property
+    def session(self) -> Any:
+        """The logged-in adapters.session.Session."""
+        return self.backend.session
 
 
 @contextmanager
-def vcenter(config: Config) -> Iterator[Discovered]:
-    """Log in, read the inventory (with tags), yield, log out; vCenter errors become CommandErrors."""
-    from adapters.discovery import discover
+def vcenter(config: Config, *, tags: bool = True) -> Iterator[Discovered]:
+    """Log in, read the inventory (with tags unless told not to), yield, log out; vCenter errors become
+    CommandErrors."""
+    from adapters.backend import VSphereBackend
     from adapters.errors import AuthError, ConnectError, VSphereError
     from adapters.session import connect
 
@@ -116,9 +128,8 @@ def vcenter(config: Config) -> Iterator[Discovered]:
     except (ConnectError, VSphereError) as e:
         raise CommandError(str(e), EXIT_FAILED) from None
     try:
-        with session.tag_client() as tags:
-            inventory = discover(session, tags=tags)
-        yield Discovered(config, inventory, session)
+        backend = VSphereBackend(session, config.proxies)
+        yield Discovered(config, backend.discover(tags=tags), backend)
     except (AuthError, ConnectError, VSphereError) as e:
         raise CommandError(str(e), EXIT_FAILED) from None
     finally:

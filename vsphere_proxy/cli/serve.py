@@ -18,9 +18,11 @@ from vsphere_proxy.cli.common import (
     EXIT_OK,
     CommandError,
     add_config_argument,
+    job_failure,
     read_config,
 )
 from vsphere_proxy.config import Config, ConfigError
+from vsphere_proxy.jobs.errors import JobError
 from vsphere_proxy.model import Proxy, ProxyKind
 
 HELP = "serve a read-only dashboard of jobs and streams, and Prometheus metrics at /metrics"
@@ -103,9 +105,12 @@ def do_serve(args: argparse.Namespace) -> int:
     check_bindable(host, port, listen)
     client = ledger = None
     if config.distributed is not None:
-        from vsphere_proxy.cli.fleet import redis_client
+        from vsphere_proxy.jobs.fleet import redis_client
 
-        client, ledger = redis_client(config.distributed)
+        try:
+            client, ledger = redis_client(config.distributed)
+        except JobError as e:
+            raise job_failure(e) from None
     try:
         try:
             app = make_app(config.repository.catalog_target(), ledger=ledger, limits=physical_limits(config),

@@ -8,29 +8,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 from collections.abc import Mapping
 from typing import Any
 
-from vsphere_proxy.cli.attempts import proxy_access, record_attempt, throttles
 from vsphere_proxy.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
     CommandError,
     add_config_argument,
+    job_failure,
     open_catalog,
     open_repository,
     read_config,
     vcenter,
 )
-from vsphere_proxy.cli.fleet import redis_client
 from vsphere_proxy.config import ConfigError
 from vsphere_proxy.engine.attempt import RepositoryPreparer
+from vsphere_proxy.engine.events import AttemptEnd
 from vsphere_proxy.engine.session import Preparer
-from vsphere_proxy.engine.streams import AttemptEnd
+from vsphere_proxy.jobs.errors import JobError
+from vsphere_proxy.jobs.fleet import redis_client
+from vsphere_proxy.jobs.recorder import record_attempt
+from vsphere_proxy.jobs.setup import throttles
 from vsphere_proxy.proxies import resolve_proxies
-
-KEEPALIVE_SECONDS = 600.0
+from vsphere_proxy.scheduler import max_streams
 
 HELP = "serve one proxy's streams to the distributed engine (a Celery worker on queue proxy.<NAME>)"
 
@@ -44,8 +45,6 @@ def build_parser(sub: Any) -> None:
 
 
 def do_worker(args: argparse.Namespace) -> int:
-    from adapters.backup import VSphereSnapshotter
-    from adapters.discovery import discover
     from vsphere_proxy.engine.celery_app import make_app, run_worker
     from vsphere_proxy.engine.worker import ProxyWorker
 
@@ -61,11 +60,14 @@ def do_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.proxy} %(levelname)s %(message)s")
     repo = open_repository(config, create=True)
     catalog = open_catalog(config)
-    client, ledger = redis_client(dist)
+    try:
+        client, ledger = redis_client(dist)
+    except JobError as e:
+        raise job_failure(e) from None
     policy = config.job.policy
     pc = next(p for p in config.proxies if p.name == args.proxy)
     try:
-        broker, backend = dist.url("broker"), dist.url("backend")
+        broker, backend_url = dist.url("broker"), dist.url("backend")
     except ConfigError as e:
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
     with vcenter(config) as found:
@@ -73,42 +75,30 @@ def do_worker(args: argparse.Namespace) -> int:
             proxy = next(p for p in resolve_proxies([pc], found.inventory))
         except ConfigError as e:
             raise CommandError(str(e), EXIT_BAD_INPUT) from None
-        access = proxy_access(config, [proxy])
-        limit = policy.to_policy().formula(proxy)
-        session = found.session
+        limit = max_streams(proxy, policy.to_policy().formula)
+        backend = found.backend
         inventory = {"vms": {vm.name: vm for vm in found.inventory.vms}}
 
         def preparer(job: Mapping[str, Any]) -> Preparer:
             if job.get("repository") not in (None, str(repo.path)):
                 raise RuntimeError(f"job {job['id']} writes to repository {job['repository']}, this worker to "
                                    f"{repo.path}")
-            inventory["vms"] = {vm.name: vm for vm in discover(session).vms}  # the VMs as they are now
+            inventory["vms"] = {vm.name: vm for vm in backend.discover(tags=False).vms}  # the VMs as they are now
             vms = inventory["vms"]
-            snapshotter = VSphereSnapshotter(session, found.inventory.datacenter, vms, access, str(job["id"]),
-                                             quiesce=bool(job.get("quiesce", False)))
+            snapshotter = backend.snapshotter(vms, [proxy], str(job["id"]), quiesce=bool(job.get("quiesce", False)))
             return RepositoryPreparer(snapshotter, repo, str(job["id"]), vms,
                                       incremental=bool(job.get("incremental", True)))
 
         def record(job_id: str, end: AttemptEnd) -> None:
             record_attempt(catalog, job_id, end, inventory["vms"].get(end.vm))
 
-        stop = threading.Event()
-
-        def keep_alive() -> None:  # vCenter ends sessions idle for 30 minutes; a worker may wait longer for work
-            while not stop.wait(KEEPALIVE_SECONDS):
-                try:
-                    session.si.CurrentTime()
-                except Exception:
-                    logging.getLogger(__name__).warning("vCenter keep-alive of %s failed", args.proxy)
-
-        threading.Thread(target=keep_alive, name="vcenter-keepalive", daemon=True).start()
         worker = ProxyWorker(proxy.name, limit, preparer, ledger, client, record=record,
                              lease=dist.lease_seconds, heartbeat=dist.heartbeat, stall_seconds=policy.stall_seconds,
                              idle_seconds=dist.idle_seconds, stream_bytes_per_s=throttles(config).get(proxy.name))
         try:
-            run_worker(make_app(broker, backend), worker, loglevel=args.log_level)
+            with backend.keep_alive():  # vCenter ends idle sessions; a worker may wait longer than that for work
+                run_worker(make_app(broker, backend_url), worker, loglevel=args.log_level)
         finally:
-            stop.set()
             catalog.close()
             client.close()
     return EXIT_OK

@@ -15,13 +15,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
-from vsphere_proxy.engine.embedded import Stop, describe
-from vsphere_proxy.engine.streams import AttemptEnd, StreamResult
+from vsphere_proxy.engine.embedded import describe
+from vsphere_proxy.engine.events import AttemptEnd, Stop, StreamResult
+from vsphere_proxy.engine.protocol import JobObserver, Observer
 from vsphere_proxy.engine.worker import assignment_from_json, assignment_to_json, events_key, heartbeat_key
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,6 @@ class DispatchStats:
 class CeleryEngine:
     def __init__(self, send: Callable[[dict[str, Any], str], Any], ledger: FleetLedger, bus: Any, *,
                  job_context: Mapping[str, Any], tick: float = 0.2, watch_every: float = 1.0,
-                 on_start: Callable[[Assignment], None] | None = None,
-                 on_end: Callable[[AttemptEnd], None] | None = None,
-                 on_proxy_lost: Callable[[str, list[str]], None] | None = None,
-                 on_change: Callable[[Coordinator, Iterable[str]], None] | None = None,
-                 on_progress: Callable[[str, int, int], None] | None = None,
-                 on_stream: Callable[[Assignment, StreamResult], None] | None = None,
                  stall_seconds: float = 300.0, grace: float = 120.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.send = send  # (payload, proxy): queue the stream on the proxy's worker
@@ -67,12 +62,6 @@ class CeleryEngine:
         self.job_context = dict(job_context)
         self.tick = tick
         self.watch_every = watch_every
-        self.on_start = on_start
-        self.on_end = on_end
-        self.on_proxy_lost = on_proxy_lost  # (proxy, VMs it was running): clean up in vCenter
-        self.on_change = on_change  # (coordinator, VMs whose state changed): persist the job's state
-        self.on_progress = on_progress  # (vm, disk, bytes read so far)
-        self.on_stream = on_stream  # every stream as it ended on its worker (the window's bars)
         self.stats = DispatchStats()
         self.stall_seconds = stall_seconds  # the watchdog: no event for this long while nothing runs ends the job
         self.grace = grace  # how long an ending job waits for the workers to end its attempts
@@ -85,7 +74,8 @@ class CeleryEngine:
         if self._stop is None:
             self._stop = Stop(reason, status)
 
-    def run(self, coordinator: Coordinator) -> JobReport:
+    def run(self, coordinator: Coordinator, observer: JobObserver | None = None) -> JobReport:
+        obs: JobObserver = observer or Observer()
         job = coordinator.job.id
         key = events_key(job)
         open_attempts: dict[str, Assignment] = {}  # vm -> the opening assignment of its running attempt
@@ -94,13 +84,12 @@ class CeleryEngine:
         def submit(assignments: list[Assignment], spent: float) -> None:
             self.stats.decide_s += spent
             self.stats.assignments += len(assignments)
-            if assignments and self.on_change is not None:  # before sending: a successor numbers attempts on
-                self.on_change(coordinator, {a.vm for a in assignments})
+            if assignments:  # before sending: a successor numbers attempts on
+                obs.states_changed(coordinator, {a.vm for a in assignments})
             for a in assignments:
                 if a.opens:
                     open_attempts[a.vm] = a
-                    if self.on_start is not None:
-                        self.on_start(a)
+                    obs.assignment_started(a)
                 payload = {"assignment": assignment_to_json(a), "job": self.job_context, "sent": time.time()}
                 self.send(payload, a.proxy)
 
@@ -117,25 +106,23 @@ class CeleryEngine:
             moved[0] = self.clock()
             if end.fault:
                 self.stop(end.fault, "failed")
-            if self.on_end is not None:
-                self.on_end(end)
             call(coordinator.on_complete, end.vm, end.ok, end.error, attempt=end.attempt)
-            if self.on_change is not None:
-                self.on_change(coordinator, [end.vm])
+            obs.attempt_ended(end)  # after the coordinator took it in: the VM's new state is readable
+            obs.states_changed(coordinator, [end.vm])
 
         def handle(event: Mapping[str, Any]) -> None:
             if event.get("kind") == "progress":
                 current = open_attempts.get(event["vm"])
-                if self.on_progress is not None and current is not None and current.attempt == event["attempt"]:
-                    self.on_progress(event["vm"], int(event["disk"]), int(event["position"]))
+                if current is not None and current.attempt == event["attempt"]:
+                    obs.block_read(event["vm"], int(event["disk"]), int(event["position"]))
                 return
             if event.get("kind") == "end":
                 ended(AttemptEnd.from_json(event["end"]))
                 return
             result = StreamResult.from_json(event["result"])
             moved[0] = self.clock()
-            if self.on_stream is not None and event.get("assignment") and result.started:
-                self.on_stream(assignment_from_json(event["assignment"]), result)
+            if event.get("assignment") and result.started:
+                obs.stream_ended(assignment_from_json(event["assignment"]), result)
             if event.get("sent") and event.get("started"):
                 self.stats.queue_ms.append(1000 * (float(event["started"]) - float(event["sent"])))
             if result.disk_done:
@@ -149,17 +136,16 @@ class CeleryEngine:
                 if not alive and proxy not in down:
                     down.add(proxy)
                     lost = sorted(vm for vm, a in open_attempts.items() if a.proxy == proxy)
-                    if lost and self.on_proxy_lost is not None:
+                    if lost:
                         try:
-                            self.on_proxy_lost(proxy, lost)
+                            obs.proxy_lost(proxy, lost)
                         except Exception:
                             log.exception("cleaning up after proxy %s failed", proxy)
                     for vm in lost:
                         del open_attempts[vm]
                     why = "worker heartbeat lost" if running else "no worker heartbeat"
                     call(coordinator.on_proxy_down, proxy, why)
-                    if self.on_change is not None:
-                        self.on_change(coordinator, lost)
+                    obs.states_changed(coordinator, lost)
                 elif alive and proxy in down:
                     down.discard(proxy)
                     call(coordinator.on_proxy_up, proxy)
@@ -178,8 +164,7 @@ class CeleryEngine:
         moved = [self.clock()]
         try:
             watch(running=False)  # proxies without a worker are down before the first assignment
-            if self.on_change is not None:
-                self.on_change(coordinator, [vm.name for vm in coordinator.job.vms])
+            obs.states_changed(coordinator, [vm.name for vm in coordinator.job.vms])
             call(coordinator.start)
             releases = self.ledger.releases()
             last_watch = time.monotonic()
@@ -201,20 +186,19 @@ class CeleryEngine:
             self.stop(f"the job could not go on: {describe(e)}", "failed")
         stop = why_stop()
         if stop is not None and (not coordinator.done or open_attempts):
-            self._end_early(coordinator, stop, open_attempts, handle, key)
+            self._end_early(coordinator, stop, open_attempts, handle, key, obs)
         return coordinator.report()
 
     def _end_early(self, coordinator: Coordinator, stop: Stop, open_attempts: dict[str, Assignment],
-                   handle: Callable[[Mapping[str, Any]], None], key: str) -> None:
+                   handle: Callable[[Mapping[str, Any]], None], key: str, obs: JobObserver) -> None:
         """Stop scheduling and give the job's streams up (their workers abort the attempts and clean up); wait
         at most `grace` seconds for the workers' ends; clean up in vCenter what no worker reported."""
         self.stopped = stop
         log.warning("job %s ends %s: %s", coordinator.job.id, stop.status, stop.reason)
         running = dict(open_attempts)
         coordinator.abort(stop.reason, status=stop.status)  # releases every stream the job held
-        if self.on_change is not None:
-            with contextlib.suppress(Exception):
-                self.on_change(coordinator, list(running))
+        with contextlib.suppress(Exception):
+            obs.states_changed(coordinator, list(running))
         deadline = self.clock() + self.grace
         while open_attempts and self.clock() < deadline:
             try:
@@ -225,8 +209,7 @@ class CeleryEngine:
                 log.exception("reading the workers' ends failed")
                 break
         for proxy in sorted({a.proxy for a in open_attempts.values()}):
-            if self.on_proxy_lost is not None:
-                try:
-                    self.on_proxy_lost(proxy, sorted(vm for vm, a in open_attempts.items() if a.proxy == proxy))
-                except Exception:
-                    log.exception("cleaning up after proxy %s failed", proxy)
+            try:
+                obs.proxy_lost(proxy, sorted(vm for vm, a in open_attempts.items() if a.proxy == proxy))
+            except Exception:
+                log.exception("cleaning up after proxy %s failed", proxy)

@@ -24,23 +24,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, JobReport
+from vsphere_proxy.engine.events import AttemptEnd, Stop, StreamResult
+from vsphere_proxy.engine.protocol import JobObserver, Observer
 from vsphere_proxy.engine.session import Preparer
-from vsphere_proxy.engine.streams import Attempt, AttemptEnd, StreamResult, StreamRunner
+from vsphere_proxy.engine.streams import Attempt, StreamRunner
 
 __all__ = ["AttemptEnd", "EmbeddedEngine", "Stop"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Why a job ends before its rounds do, and the status it ends with."""
-
-    reason: str
-    status: str = "failed"  # failed | interrupted
 
 
 def describe(exc: BaseException) -> str:
@@ -54,21 +47,13 @@ class EmbeddedEngine:
 
     def __init__(self, preparer: Preparer, *, stall_seconds: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, tick: float = 0.5, grace: float = 30.0,
-                 on_end: Callable[[AttemptEnd], None] | None = None,
-                 on_progress: Callable[[str, int, int], None] | None = None,
-                 on_start: Callable[[Assignment], None] | None = None,
-                 throttle: Mapping[str, float] | None = None,
-                 on_stream: Callable[[Assignment, StreamResult], None] | None = None) -> None:
+                 throttle: Mapping[str, float] | None = None) -> None:
         self.preparer = preparer
         self.stall_seconds = stall_seconds
         self.clock = clock
         self.tick = tick
         self.grace = grace  # how long an ending job waits for its streams to leave before finishing attempts
-        self.on_end = on_end
-        self.on_progress = on_progress  # (vm, disk, bytes) after every block
-        self.on_start = on_start  # every assignment that opens an attempt, before it runs
         self.throttle = dict(throttle or {})  # proxy -> the most bytes per second one of its streams reads
-        self.on_stream = on_stream  # every stream as it ends: when it ran, what it read (the window's bars)
         self.stopped: Stop | None = None  # why the job ended early, once it did
         self._stop: Stop | None = None
         self._wake = threading.Event()
@@ -79,15 +64,14 @@ class EmbeddedEngine:
             self._stop = Stop(reason, status)
         self._wake.set()
 
-    def run(self, coordinator: Coordinator) -> JobReport:
+    def run(self, coordinator: Coordinator, observer: JobObserver | None = None) -> JobReport:
+        watch: JobObserver = observer or Observer()
         lock = threading.RLock()
-        progress = self.on_progress
         moved = [self.clock()]  # when the job last moved: an event, a block read
 
         def on_block(a: Assignment, pos: int) -> None:
             moved[0] = self.clock()
-            if progress is not None:
-                progress(a.vm, a.disk, pos)
+            watch.block_read(a.vm, a.disk, pos)
 
         runner = StreamRunner(self.preparer, clock=self.clock, throttle=self.throttle, ready_timeout=self.stall_seconds,
                               on_progress=on_block)
@@ -104,8 +88,9 @@ class EmbeddedEngine:
             for a in assignments:
                 if self._stop is not None or errors or runner.fault is not None:
                     return  # the job is ending: nothing new starts
-                if a.opens and self.on_start is not None:
-                    self.on_start(a)
+                if a.opens:
+                    watch.assignment_started(a)
+                    watch.states_changed(coordinator, (a.vm,))
                 pools[a.proxy].submit(stream, a, runner.admit(a))
             if coordinator.done:
                 self._wake.set()
@@ -114,15 +99,14 @@ class EmbeddedEngine:
             with lock:
                 moved[0] = self.clock()
                 following = coordinator.on_complete(end.vm, end.ok, end.error, attempt=end.attempt)
-                if self.on_end is not None:  # after the coordinator took it in: the VM's new state is readable
-                    self.on_end(end)
+                watch.attempt_ended(end)  # after the coordinator took it in: the VM's new state is readable
+                watch.states_changed(coordinator, (end.vm,))
                 submit(following)
 
         def stream(a: Assignment, at: Attempt) -> None:
             try:
                 result: StreamResult = runner.run(a, at)
-                if self.on_stream is not None:
-                    self.on_stream(a, result)
+                watch.stream_ended(a, result)
                 if result.disk_done:
                     with lock:
                         moved[0] = self.clock()
@@ -148,6 +132,7 @@ class EmbeddedEngine:
         try:
             try:
                 with lock:
+                    watch.states_changed(coordinator, [vm.name for vm in coordinator.job.vms])
                     submit(coordinator.start())
             except BaseException as e:
                 fatal(e, "starting the job")
@@ -156,7 +141,7 @@ class EmbeddedEngine:
                 self._wake.clear()
                 stop = why_stop()
                 if stop is not None:
-                    self._end_early(coordinator, runner, lock, stop)
+                    self._end_early(coordinator, runner, lock, stop, watch)
                     break
                 for at, why in runner.stalled(self.stall_seconds):
                     end = runner.end((at.job, at.vm, at.attempt), why)
@@ -173,15 +158,19 @@ class EmbeddedEngine:
                 pool.shutdown(wait=False, cancel_futures=True)
         return coordinator.report()
 
-    def _end_early(self, coordinator: Coordinator, runner: StreamRunner, lock: threading.RLock, stop: Stop) -> None:
+    def _end_early(self, coordinator: Coordinator, runner: StreamRunner, lock: threading.RLock, stop: Stop,
+                   watch: JobObserver) -> None:
         """Stop scheduling, fail what is left with the reason, let the streams leave, finish their attempts."""
         self.stopped = stop
         log.warning("job %s ends %s: %s", coordinator.job.id, stop.status, stop.reason)
         with lock:
             coordinator.abort(stop.reason, status=stop.status)
         for end in runner.end_all(stop.reason, self.grace):
-            if self.on_end is not None:
-                try:
-                    self.on_end(end)
-                except Exception:  # the job is already ending with a reason: keep finishing the others
-                    log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)
+            try:
+                watch.attempt_ended(end)
+            except Exception:  # the job is already ending with a reason: keep finishing the others
+                log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)
+        try:
+            watch.states_changed(coordinator, [vm.name for vm in coordinator.job.vms])
+        except Exception:
+            log.exception("reporting the VMs' states of job %s failed", coordinator.job.id)

@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from vsphere_proxy.coordinator import Assignment
+from vsphere_proxy.engine.events import AttemptEnd, StreamResult
 from vsphere_proxy.engine.session import Preparer, VmSession
-from vsphere_proxy.engine.streams import AttemptEnd, StreamResult, StreamRunner
+from vsphere_proxy.engine.streams import StreamRunner
 from vsphere_proxy.tiers import Tier
 
 log = logging.getLogger(__name__)

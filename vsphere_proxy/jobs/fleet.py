@@ -1,22 +1,19 @@
-"""The distributed engine's connections for one job: Redis (ledger, heartbeats, event lists) and the Celery app
-that queues streams on the proxies' workers."""
+"""The distributed engine's connections for one job: Redis (ledger, heartbeats, event lists, the job's liveness
+lease) and the Celery app that queues streams on the proxies' workers."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from rich.console import Console
 
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 from vsphere_proxy.config import Config, ConfigError, DistributedConfig
-from vsphere_proxy.coordinator import Assignment, Coordinator
 from vsphere_proxy.engine.distributed import CeleryEngine
-from vsphere_proxy.engine.streams import AttemptEnd, StreamResult
 from vsphere_proxy.engine.worker import events_key
+from vsphere_proxy.jobs.errors import BadJob, JobFailed
 from vsphere_proxy.ledger_redis import RedisLedger
 
 
@@ -25,14 +22,13 @@ def redis_client(dist: DistributedConfig) -> tuple[redis.Redis, RedisLedger]:
     try:
         url = dist.url("ledger")
     except ConfigError as e:
-        raise CommandError(str(e), EXIT_BAD_INPUT) from None
+        raise BadJob(str(e)) from None
     client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
     try:
         client.ping()
     except redis.RedisError as e:
         shown = dist.ledger or dist.broker
-        raise CommandError(f"distributed.ledger: {shown}: cannot reach Redis ({type(e).__name__})", EXIT_FAILED) \
-            from None
+        raise JobFailed(f"distributed.ledger: {shown}: cannot reach Redis ({type(e).__name__})") from None
     return client, RedisLedger(client, ttl=dist.lease_seconds)
 
 
@@ -50,40 +46,37 @@ class Fleet:
 
         dist = config.distributed
         if dist is None:
-            raise CommandError("distributed: not configured; `--engine celery` needs `distributed: {broker: "
-                               "redis://host:6379/0}`", EXIT_BAD_INPUT)
+            raise BadJob("distributed: not configured; `--engine celery` needs `distributed: {broker: "
+                         "redis://host:6379/0}`")
         client, ledger = redis_client(dist)
         try:
             app = make_app(dist.url("broker"), dist.url("backend"))
         except ConfigError as e:
-            raise CommandError(str(e), EXIT_BAD_INPUT) from None
+            client.close()
+            raise BadJob(str(e)) from None
         return cls(dist, job_id, client, ledger, app)
 
-    def engine(self, job_context: dict[str, Any], *, on_start: Callable[[Assignment], None],
-               on_end: Callable[[AttemptEnd], None], on_proxy_lost: Callable[[str, list[str]], None],
-               on_change: Callable[[Coordinator, Iterable[str]], None],
-               on_progress: Callable[[str, int, int], None],
-               on_stream: Callable[[Assignment, StreamResult], None], stall_seconds: float = 300.0) -> CeleryEngine:
+    def engine(self, job_context: dict[str, Any], *, stall_seconds: float = 300.0) -> CeleryEngine:
+        """The Celery engine for this job; its grace time is at least as long as a worker waits before it ends
+        an attempt no one feeds (`idle_seconds`)."""
         from vsphere_proxy.engine.celery_app import send_stream
 
         return CeleryEngine(lambda payload, proxy: send_stream(self.app, payload, proxy), self.ledger, self.client,
                             job_context=job_context, watch_every=min(1.0, self.config.heartbeat),
-                            on_start=on_start, on_end=on_end, on_proxy_lost=on_proxy_lost, on_change=on_change,
-                            on_progress=on_progress, on_stream=on_stream, stall_seconds=stall_seconds,
-                            grace=max(self.config.idle_seconds, 30.0))
+                            stall_seconds=stall_seconds, grace=max(self.config.idle_seconds, 30.0))
 
-    def drain(self, stall_seconds: float, out: Console | None = None) -> None:
+    def drain(self, stall_seconds: float, say: Callable[[str], None] | None = None) -> None:
         """Wait until the streams a stopped coordinator left are gone: each ends on its worker (attempts no one
         feeds end after `idle_seconds`) or its lease expires; then forget that coordinator's events."""
         d = self.config
         deadline = time.monotonic() + stall_seconds + d.idle_seconds + 2 * d.lease_seconds
         held = self.ledger.job_active(self.job_id)
-        if held and out is not None:
-            out.print(f"waiting for the {held} streams job {self.job_id} still holds to end")
+        if held and say is not None:
+            say(f"waiting for the {held} streams job {self.job_id} still holds to end")
         while held:
             if time.monotonic() > deadline:
-                raise CommandError(f"--resume: job {self.job_id} still holds {held} streams; is its coordinator "
-                                   "still running?", EXIT_FAILED)
+                raise JobFailed(f"--resume: job {self.job_id} still holds {held} streams; is its coordinator "
+                                "still running?")
             time.sleep(0.25)
             held = self.ledger.job_active(self.job_id)
         self.client.delete(events_key(self.job_id))

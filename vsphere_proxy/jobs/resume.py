@@ -1,38 +1,19 @@
-"""A job's state in the catalog as its coordinator goes (`StateKeeper`), and taking over a job whose coordinator
-stopped (`Earlier`, for `backup --resume JOB`): VMs backed up stay done and are not read again; the others are
-backed up in the round the job had reached, their attempts numbered on."""
+"""Taking over a job whose coordinator stopped (`backup --resume JOB`): what it left in the catalog (`Earlier`).
+VMs backed up stay done and are not read again; the others are backed up in the round the job had reached,
+their attempts numbered on."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vsphere_proxy.catalog import Catalog, JobRow, VmState
-from vsphere_proxy.cli.common import EXIT_BAD_INPUT, CommandError
-from vsphere_proxy.cli.plan import JobSetup
 from vsphere_proxy.config import Config
-from vsphere_proxy.coordinator import Coordinator, JobReport, VmOutcome, VmStatus
-from vsphere_proxy.engine.streams import AttemptEnd
-
-
-class StateKeeper:
-    """Writes where VMs stand (pending, running, stranded, done, failed) to the catalog after each change."""
-
-    def __init__(self, catalog: Catalog, job_id: str) -> None:
-        self.catalog = catalog
-        self.job_id = job_id
-
-    def changed(self, coordinator: Coordinator, vms: Iterable[str]) -> None:
-        names = {vm.name for vm in coordinator.job.vms}
-        states = []
-        for vm in dict.fromkeys(vms):
-            if vm in names:
-                o = coordinator.outcome(vm)
-                states.append(VmState(vm, o.status.value, o.round, o.attempts, o.proxy, o.mode, o.error))
-        if states:
-            self.catalog.set_states(self.job_id, states)
+from vsphere_proxy.coordinator import JobReport, VmOutcome, VmStatus
+from vsphere_proxy.engine.events import AttemptEnd
+from vsphere_proxy.jobs.errors import BadJob
+from vsphere_proxy.jobs.setup import JobSetup
 
 
 @dataclass(frozen=True)
@@ -52,21 +33,18 @@ class Earlier:
         """The job, if this configuration and engine may take it over; a one-line CommandError otherwise."""
         job = catalog.job(job_id)
         if job is None:
-            raise CommandError(f"--resume: job {job_id!r} is not in the catalog", EXIT_BAD_INPUT)
+            raise BadJob(f"--resume: job {job_id!r} is not in the catalog")
         if job.status not in ("running", "interrupted"):
-            raise CommandError(f"--resume: job {job_id} already ended ({job.status}); nothing to take over",
-                               EXIT_BAD_INPUT)
+            raise BadJob(f"--resume: job {job_id} already ended ({job.status}); nothing to take over")
         if catalog.live(job_id):
             lease = catalog.lease(job_id)
             holder = lease.holder if lease is not None else "?"
-            raise CommandError(f"--resume: job {job_id} is still running (its coordinator {holder} holds its "
-                               "lease); only a stopped job can be taken over", EXIT_BAD_INPUT)
+            raise BadJob(f"--resume: job {job_id} is still running (its coordinator {holder} holds its "
+                         "lease); only a stopped job can be taken over")
         if job.name != config.job.name:
-            raise CommandError(f"--resume: job {job_id} is a run of job {job.name!r}, not of {config.job.name!r}",
-                               EXIT_BAD_INPUT)
+            raise BadJob(f"--resume: job {job_id} is a run of job {job.name!r}, not of {config.job.name!r}")
         if job.engine != engine:
-            raise CommandError(f"--engine: job {job_id} runs on the {job.engine} engine (got {engine!r})",
-                               EXIT_BAD_INPUT)
+            raise BadJob(f"--engine: job {job_id} runs on the {job.engine} engine (got {engine!r})")
         return job
 
     @classmethod
