@@ -8,7 +8,6 @@ the embedded engine runs it on thread pools reading in-memory disks (an injected
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -129,24 +128,7 @@ def embedded(job: Job) -> EmbeddedEngine:
     return EmbeddedEngine(MemoryPreparer(job, {FAILS_ONCE}), tick=0.02, stall_seconds=30)
 
 
-def embedded_on_protocol() -> bool:
-    return "observer" in inspect.signature(EmbeddedEngine.run).parameters
-
-
-NOT_ON_PROTOCOL = pytest.mark.skipif(not embedded_on_protocol(),
-                                     reason="embedded engine not on the observer protocol yet")
-ENGINES = [
-    pytest.param(simulated, id="simulated"),
-    pytest.param(embedded, id="embedded", marks=NOT_ON_PROTOCOL),
-]
-# After `stop`, the embedded engine's `run` can return while a pool thread whose stream just ended its attempt
-# has not yet reported that attempt's end (it arrives a moment later): the contract fails then, not always.
-STOPPING_ENGINES = [
-    pytest.param(simulated, id="simulated"),
-    pytest.param(embedded, id="embedded", marks=[NOT_ON_PROTOCOL, pytest.mark.xfail(
-        strict=False, reason="embedded engine: after stop(), run() may return before an attempt that ended on its "
-                             "own stream is reported to attempt_ended")]),
-]
+ENGINES = [pytest.param(simulated, id="simulated"), pytest.param(embedded, id="embedded")]
 
 
 # ---- the recording observer and the contract -------------------------------------------------------------
@@ -254,7 +236,7 @@ def test_an_engine_runs_the_job_to_its_end_and_reports_every_event(make: Callabl
     assert failed and report.rounds >= 2  # the injected failure, retried in a later round
 
 
-@pytest.mark.parametrize("make", STOPPING_ENGINES)
+@pytest.mark.parametrize("make", ENGINES)
 def test_stop_ends_the_job_interrupted_and_fails_what_is_left_with_the_reason(make: Callable[[Job], Engine]) -> None:
     job = small_job()
     engine = make(job)

@@ -57,6 +57,8 @@ class EmbeddedEngine:
         self.stopped: Stop | None = None  # why the job ended early, once it did
         self._stop: Stop | None = None
         self._wake = threading.Event()
+        self._streams = threading.Condition()  # streams still in their thread, their results not yet reported
+        self._running = 0
 
     def stop(self, reason: str, status: str = "interrupted") -> None:
         """End the running job as soon as possible (safe from a signal handler: it only records and wakes)."""
@@ -104,6 +106,8 @@ class EmbeddedEngine:
                 submit(following)
 
         def stream(a: Assignment, at: Attempt) -> None:
+            with self._streams:
+                self._running += 1
             try:
                 result: StreamResult = runner.run(a, at)
                 watch.stream_ended(a, result)
@@ -115,6 +119,10 @@ class EmbeddedEngine:
                     ended(result.end)
             except BaseException as e:
                 fatal(e, f"stream {a.stream}")
+            finally:
+                with self._streams:
+                    self._running -= 1
+                    self._streams.notify_all()
 
         def why_stop() -> Stop | None:
             if self._stop is not None:
@@ -162,6 +170,7 @@ class EmbeddedEngine:
                    watch: JobObserver) -> None:
         """Stop scheduling, fail what is left with the reason, let the streams leave, finish their attempts."""
         self.stopped = stop
+        deadline = self.clock() + self.grace
         log.warning("job %s ends %s: %s", coordinator.job.id, stop.status, stop.reason)
         with lock:
             coordinator.abort(stop.reason, status=stop.status)
@@ -170,6 +179,10 @@ class EmbeddedEngine:
                 watch.attempt_ended(end)
             except Exception:  # the job is already ending with a reason: keep finishing the others
                 log.exception("reporting the end of %s attempt %d failed", end.vm, end.attempt)
+        until = time.monotonic() + max(1.0, deadline - self.clock())  # an attempt that ended on its own stream
+        with self._streams:                                           # is reported before the job's end
+            while self._running and time.monotonic() < until:
+                self._streams.wait(max(0.0, until - time.monotonic()))
         try:
             watch.states_changed(coordinator, [vm.name for vm in coordinator.job.vms])
         except Exception:
