@@ -22,7 +22,8 @@ from vsphere_proxy.coordinator import (
 )
 from vsphere_proxy.ledger import InMemoryLedger, Stream
 from vsphere_proxy.model import Proxy, ProxyKind
-from vsphere_proxy.tiers import Tier, TierTable
+from vsphere_proxy.scheduler import StreamFormula, max_streams
+from vsphere_proxy.tiers import Tier, TierTable, eligible_proxies
 
 GB = 1 << 30
 S, H, N = Tier.SAN, Tier.HOTADD, Tier.NBD
@@ -542,3 +543,44 @@ def test_a_proxy_that_went_down_does_not_count_in_the_next_rounds_priority_list(
     assert c.on_proxy_down("p1") == []
     again = c.on_complete("b", False, "snapshot failed", attempt=1)
     assert sorted((a.vm, a.proxy, a.round) for a in again) == [("a", "p2", 2), ("b", "p3", 2)]
+
+
+# ---- the patent's blocks are what the coordinator runs ------------------------------------------------------
+
+
+def test_the_stream_limits_are_max_streams_of_the_policys_formula() -> None:
+    formula = StreamFormula(per_cpu=3, mb_per_stream=250)
+    proxies = [proxy("p1", ram_mb=1000, cpus=4), proxy("p2", ram_mb=8000, cpus=2), proxy("p3", ram_mb=100)]
+    c = make([vm("a", (10, "ds-1"))], {"a": {"p1": S}}, proxies, Policy(formula=formula))
+    assert c.limits == {p.name: max_streams(p, formula) for p in proxies} == {"p1": 4, "p2": 6, "p3": 0}
+    assert make([], {}, proxies).limits == {p.name: max_streams(p) for p in proxies}
+
+
+def test_the_eligibility_of_every_vm_in_every_round_is_eligible_proxies() -> None:
+    # A down proxy and a limit-0 proxy in every tier; VMs fail their first attempts so that rounds 2 and 3 run.
+    proxies = [proxy("down", alive=False), proxy("zero", ram_mb=99), proxy("p1", ram_mb=200), proxy("p2", ram_mb=300),
+               proxy("p3")]
+    rows = [{"down": S, "zero": S, "p1": S, "p2": H, "p3": N}, {"down": S, "p1": H, "p2": N},
+            {"zero": H, "p2": H, "p3": N}, {"down": N, "zero": N, "p1": N}, {"p3": S, "down": H}, {"down": S},
+            {"zero": S, "p1": N}]
+    vms = [vm(f"vm{i}", (10 + i, f"ds-{i % 3}")) for i in range(len(rows) * 2)]
+    tiers = {v.name: rows[i % len(rows)] for i, v in enumerate(vms)}
+    c = make(vms, tiers, proxies)
+    table, unusable = c.job.table, {"down", "zero"}
+    seen: set[tuple[str, int]] = set()
+
+    def check() -> None:
+        for entry in c.priority:
+            expected = {cl.proxy for cl in eligible_proxies(entry.vm, c.round, table)} - unusable
+            assert set(entry.eligible) == expected, (entry.vm, c.round)
+            seen.add((entry.vm, c.round))
+
+    ex = Executor([c], lambda a: "flaky" if a.round < 3 and a.vm in ("vm1", "vm2", "vm4", "vm8") else None)
+    ex.start()
+    check()
+    while ex.queue:
+        ex.step()
+        check()
+    assert c.done and {r for _, r in seen} == {1, 2, 3}
+    assert all(a.proxy not in unusable for a in ex.seen)
+    assert outcome(c, "vm5").error == "0/5 proxies eligible: 4 no access, 1 down"

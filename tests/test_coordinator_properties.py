@@ -29,7 +29,7 @@ from vsphere_proxy.coordinator import (
 )
 from vsphere_proxy.ledger import InMemoryLedger
 from vsphere_proxy.model import Proxy, ProxyKind
-from vsphere_proxy.tiers import Tier, TierTable
+from vsphere_proxy.tiers import Tier, TierTable, eligible_proxies
 
 GB = 1 << 30
 TIERS = (Tier.SAN, Tier.HOTADD, Tier.NBD, None)
@@ -282,3 +282,44 @@ def test_without_failures_every_reachable_vm_is_backed_up(scenario: Scenario, rn
             assert (o.status is VmStatus.DONE) == reachable, o
             if not reachable:
                 assert o.error.startswith("0/"), o
+
+
+@dataclass
+class BlockWorld(World):
+    """The same executor, also checking after every call that the round is what the patent's blocks say: each
+    VM's eligible proxies are `eligible_proxies` for its round without those that could not serve when the round
+    began, and the proxies the coordinator offers to `next_available_proxy` are exactly those alive, below their
+    limit and eligible for a pending VM."""
+
+    down_at: dict[tuple[str, int], frozenset[str]] = field(default_factory=dict)
+
+    def check(self) -> None:
+        super().check()
+        for c in self.coords.values():
+            if not c.priority:
+                continue
+            down = self.down_at.setdefault((c.job.id, c.round), frozenset(self.down))
+            unusable = down | {p for p, n in c.limits.items() if n <= 0}
+            for entry in c.priority:
+                block = {cl.proxy for cl in eligible_proxies(entry.vm, c.round, c.job.table)}
+                assert set(entry.eligible) == block - unusable, (entry.vm, c.round)
+            if self.hearing:
+                continue
+            pending = list(c.pending())
+            assert {p.name for p in c.candidates(set())} == {
+                p for p in c.proxy_names if p not in self.down and self.ledger.proxy_active(p) < c.limits[p]
+                and any(p in e.eligible for e in pending)}
+            for p in c.proxy_names:
+                assert [e for e in c.pending_for(p) if e.vm not in c.started] == [e for e in pending if p in e.eligible]
+
+    def proxy_down(self) -> None:
+        for c in self.coords.values():  # the rounds already begun keep the view they began with
+            self.down_at.setdefault((c.job.id, c.round), frozenset(self.down))
+        super().proxy_down()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.randoms(use_true_random=False), st.sampled_from([0.0, 0.05, 0.25]), st.integers(0, 2))
+def test_every_round_runs_the_patents_eligibility_and_candidates(
+        scenario: Scenario, rnd: random.Random, fail_rate: float, downs: int) -> None:
+    BlockWorld(scenario, rnd, fail_rate=fail_rate, downs=downs).run()

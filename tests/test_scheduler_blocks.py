@@ -16,6 +16,7 @@ from vsphere_proxy.scheduler import (
     next_available_proxy,
     pick_vm,
     priority_list,
+    threshold_for,
 )
 
 GB = 1 << 30
@@ -144,6 +145,29 @@ def test_pick_prefers_idle_datastores_then_raises_the_threshold_up_to_the_cap() 
     pick = pick_vm("p1", plist, ledger, threshold=1, cap=1)  # capped: nothing
     assert pick.entry is None and pick.threshold == 1
     assert pick_vm("p3", plist, ledger, threshold=1, cap=3).entry is None  # eligible for nothing
+
+
+def test_threshold_for_is_the_one_raise_rule() -> None:
+    assert threshold_for(0, threshold=1, cap=4) == 1  # below the threshold in force: no raise
+    assert threshold_for(1, threshold=1, cap=4) == 2  # raised just above the score
+    assert threshold_for(2, threshold=1, cap=4) == 3  # by as many steps as it takes
+    assert threshold_for(3, threshold=1, cap=4) == 4
+    assert threshold_for(4, threshold=1, cap=4) is None  # never past the cap
+    assert threshold_for(1, threshold=3, cap=3) == 3
+    assert "US 9563514" in (threshold_for.__doc__ or "")
+
+
+def test_pick_raises_the_threshold_as_threshold_for_says() -> None:
+    ledger = InMemoryLedger()
+    plist = priority_list([PriorityEntry("a", ("p1",), 10 * GB, ("ds",)), PriorityEntry("b", ("p1",), 5 * GB, ("ds",))])
+    for n in range(5):
+        pick = pick_vm("p1", plist, ledger, threshold=1, cap=3)
+        raised = threshold_for(n, 1, 3)
+        assert (pick.entry is None) == (raised is None)
+        if raised is not None:
+            assert pick.entry is not None
+            assert (pick.entry.vm, pick.threshold, pick.raises, pick.score) == ("a", raised, raised - 1, n)
+        ledger.acquire(stream(n, "p9", "ds"), 99)
 
 
 def test_the_patent_blocks_exist_and_cite_it() -> None:

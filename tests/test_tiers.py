@@ -152,5 +152,38 @@ def test_allowed_tier_rejects_round_zero() -> None:
 def test_no_disks_means_no_eligible_proxy(inv: Inventory) -> None:
     empty = VM("vm-0", "empty", host="esx-a")
     table = tier_table([empty], [phys()], inv)
-    assert eligible_proxies("empty", 3, table) == []
+    assert list(eligible_proxies("empty", 3, table)) == [] and not eligible_proxies("empty", 3, table).names
     assert "no disk" in table.for_vm("empty")[0].reason
+
+
+def test_eligible_proxies_is_restricted_to_the_proxies_that_serve(inv: Inventory) -> None:
+    proxies = [phys("p-san"), phys("p-san-2"), vmproxy("p-hot"), phys("p-nbd", luns=())]
+    table = tier_table([inv.vm_by_name["on-a"]], proxies, inv)
+    every = eligible_proxies("on-a", 2, table)
+    assert every.names == {"p-san", "p-san-2", "p-hot"} and len(every) == 3
+    assert [c.proxy for c in every] == ["p-san", "p-san-2", "p-hot"]  # best first
+    served = eligible_proxies("on-a", 2, table, serving=frozenset({"p-san-2", "p-hot", "p-nbd"}))
+    assert served.names == {"p-san-2", "p-hot"} and [c.proxy for c in served] == ["p-san-2", "p-hot"]
+    # The round admits tiers from the VM's best over the whole table, whether or not its proxies serve.
+    round_1 = eligible_proxies("on-a", 1, table, serving=frozenset({"p-hot", "p-nbd"}))
+    assert not round_1 and list(round_1) == []
+    assert eligible_proxies("on-a", 3, table, serving=frozenset()).names == frozenset()
+
+
+def test_nothing_outside_tiers_bypasses_eligible_proxies() -> None:
+    # US 9563514 FIG. 6 block 606 is the code every engine runs: TierTable.eligible/eligible_names are its internals.
+    import ast
+    from pathlib import Path
+
+    import vsphere_proxy
+
+    root = Path(vsphere_proxy.__file__).parent
+    calls = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "tiers.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("eligible", "eligible_names")):
+                calls.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert calls == []

@@ -15,7 +15,7 @@ attempt with `on_complete(vm, ok, error)`; a failed attempt strands the VM until
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -27,9 +27,12 @@ from vsphere_proxy.scheduler import (
     DEFAULT_FORMULA,
     PriorityEntry,
     datastore_score,
+    eligible_proxies,
+    max_streams,
     next_available_proxy,
     pick_vm,
     priority_list,
+    threshold_for,
 )
 from vsphere_proxy.tiers import LAST_TIER, Tier, TierTable, allowed_tier
 from vsphere_proxy.units import human_size
@@ -42,6 +45,7 @@ __all__ = [
     "Job",
     "JobReport",
     "Policy",
+    "RoundState",
     "VmOutcome",
     "VmStatus",
     "WorkDisk",
@@ -220,14 +224,83 @@ class _Run:
     error: str = ""
 
 
+@dataclass(slots=True)
+class RoundState:
+    """One round's scratch (US 9563514 FIG. 3 within a round of FIG. 6): written when the round begins, changed
+    only by `take` (a VM leaves the pending ones) and the threshold methods, read by the strategies.
+
+    The priority list in the strategy's order; the VMs no longer pending; per proxy, how many pending VMs it is
+    eligible for and those VMs in list order; the datastore threshold in force, from the policy's baseline.
+    """
+
+    number: int  # the round: 1 admits each VM's best tier, k every tier <= k
+    baseline: int  # the policy's threshold: where the threshold is when the round begins and returns to
+    threshold: int
+    plist: list[PriorityEntry] = field(default_factory=list)
+    started: set[str] = field(default_factory=set)  # VMs of the round no longer pending
+    eligible_count: Counter[str] = field(default_factory=Counter)  # pending VMs each proxy is eligible for
+    recheck: bool = False  # pending VMs may have lost every proxy that can serve them
+    _by_proxy: dict[str, list[PriorityEntry]] = field(default_factory=dict)
+    _compacted: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def begin(cls, number: int, plist: list[PriorityEntry], baseline: int) -> RoundState:
+        """Round `number` over `plist`, every VM pending, the threshold at its baseline; its VMs are checked
+        for a proxy that can serve them before anything starts."""
+        by_proxy: dict[str, list[PriorityEntry]] = {}
+        for entry in plist:
+            for proxy in entry.eligible:
+                if proxy in by_proxy:
+                    by_proxy[proxy].append(entry)
+                else:
+                    by_proxy[proxy] = [entry]
+        counts = Counter({proxy: len(entries) for proxy, entries in by_proxy.items()})
+        return cls(number, baseline, baseline, plist, set(), counts, True, by_proxy, {})
+
+    @property
+    def pending(self) -> int:
+        """How many VMs of the round are still pending."""
+        return len(self.plist) - len(self.started)
+
+    def take(self, entry: PriorityEntry) -> None:
+        """`entry` is no longer pending: started, or stranded before it could start."""
+        self.started.add(entry.vm)
+        counts = self.eligible_count
+        for proxy in entry.eligible:
+            counts[proxy] -= 1
+
+    def pending_entries(self) -> Iterator[PriorityEntry]:
+        started = self.started
+        return (e for e in self.plist if e.vm not in started)
+
+    def pending_for(self, proxy: str) -> list[PriorityEntry]:
+        """The priority list restricted to VMs `proxy` is eligible for; started ones may remain (callers skip
+        them), dropped once they are more than half of the list."""
+        entries = self._by_proxy.get(proxy, [])
+        if len(self.started) - self._compacted.get(proxy, 0) > len(entries) // 2:
+            entries = self._by_proxy[proxy] = [e for e in entries if e.vm not in self.started]
+            self._compacted[proxy] = len(self.started)
+        return entries
+
+    def raise_to(self, threshold: int) -> int:
+        """Raise the threshold (US 9563514 FIG. 3 block 312); the number of steps it went up."""
+        steps = threshold - self.threshold
+        self.threshold = threshold
+        return steps
+
+    def reset_threshold(self) -> None:
+        """A stream was released: the threshold returns to its baseline (US 9563514 FIG. 3)."""
+        self.threshold = self.baseline
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """A strategy's answer: start `entry` on `proxy`."""
+    """A strategy's answer: start `entry` on `proxy`, under `threshold` (None when the strategy ignores
+    datastores; above the round's when every VM the proxy can back up was over it)."""
 
     proxy: Proxy
     entry: PriorityEntry
     threshold: int | None
-    raises: int
     score: int | None
     why: str
 
@@ -271,7 +344,7 @@ class PatentStrategy:
             why = (f"{proxy.name} next available ({active}/{limit} streams); first VM in the priority list it can "
                    f"back up ({len(pick.entry.eligible)} eligible proxies, {human_size(pick.entry.total_bytes)}); "
                    f"datastore score {pick.score} < threshold {pick.threshold}")
-            return Choice(proxy, pick.entry, pick.threshold, pick.raises, pick.score, why)
+            return Choice(proxy, pick.entry, pick.threshold, pick.score, why)
 
 
 class _Baseline:
@@ -295,7 +368,7 @@ class LeastLoadedStrategy(_Baseline):
             proxy = next_available_proxy((c.proxy(n) for n in sorted(free.intersection(entry.eligible))),
                                          c.ledger, c.limits)
             if proxy is not None:
-                return Choice(proxy, entry, None, 0, None, f"{proxy.name} least loaded of {entry.vm}'s proxies")
+                return Choice(proxy, entry, None, None, f"{proxy.name} least loaded of {entry.vm}'s proxies")
         return None
 
 
@@ -316,7 +389,7 @@ class RoundRobinStrategy(_Baseline):
                 name = ring[(self._next + step) % len(ring)]
                 if name in free and name in entry.eligible:
                     self._next = (self._next + step + 1) % len(ring)
-                    return Choice(c.proxy(name), entry, None, 0, None, f"{name} next in rotation")
+                    return Choice(c.proxy(name), entry, None, None, f"{name} next in rotation")
         return None
 
 
@@ -336,7 +409,7 @@ class Coordinator:
         self.strategy: Strategy = strategy or PatentStrategy()
         self.explain = explain
         self.decisions: list[Decision] = []
-        self.limits = {p.name: job.policy.formula(p) for p in job.proxies}
+        self.limits = {p.name: max_streams(p, job.policy.formula) for p in job.proxies}
         self._proxies = {p.name: p for p in job.proxies}
         self.proxy_names = sorted(self._proxies)
         names = [vm.name for vm in job.vms]
@@ -346,16 +419,8 @@ class Coordinator:
         self._runs = {vm.name: _Run(vm) for vm in job.vms}
         self._down: dict[str, str] = {p.name: f"down: {p.down_reason}" if p.down_reason else "down"
                                       for p in job.proxies if not p.alive}
-        self.round = 0
-        self.threshold = job.policy.threshold
+        self._round = RoundState(0, job.policy.threshold, job.policy.threshold)
         self.threshold_raises = 0
-        self.started: set[str] = set()  # VMs of the round no longer pending
-        self._plist: list[PriorityEntry] = []
-        self._by_proxy: dict[str, list[PriorityEntry]] = {}
-        self._compacted: dict[str, int] = {}
-        self._eligible_count: Counter[str] = Counter()
-        self._pending = 0
-        self._recheck = False
         self._started = False
         self._finished = False
         self._ended_as = ""  # the job's status when it was ended before its rounds (`abort`)
@@ -382,10 +447,10 @@ class Coordinator:
         """Start whatever can start now (US 9563514 FIG. 3); call it when streams were released elsewhere."""
         out: list[Assignment] = []
         while self._started and not self._finished:
-            if self._recheck:
+            if self._round.recheck:
                 self._strand_unreachable()
             out += self.run_round()
-            if self._pending or any(r.status is VmStatus.RUNNING for r in self._runs.values()):
+            if self._round.pending or any(r.status is VmStatus.RUNNING for r in self._runs.values()):
                 break
             if not self._begin_round():
                 self._finish()
@@ -393,7 +458,7 @@ class Coordinator:
 
     def on_released(self) -> list[Assignment]:
         """Streams were released by another job: the threshold is back to its baseline, then schedule."""
-        self.threshold = self.job.policy.threshold
+        self._round.reset_threshold()
         return self.schedule()
 
     def on_disk_done(self, vm: str, disk: int, attempt: int | None = None) -> list[Assignment]:
@@ -438,7 +503,7 @@ class Coordinator:
                 self._drop_streams(run)
                 run.error = why
                 self._set(run, VmStatus.STRANDED, why)
-        self._recheck = True
+        self._round.recheck = True
         return self.schedule()
 
     def on_proxy_up(self, proxy: str) -> list[Assignment]:
@@ -477,7 +542,8 @@ class Coordinator:
         for vm, n in attempts.items():
             if vm in self._runs:
                 self._runs[vm].attempts = n
-        self.round = max(0, round_number - 1)
+        baseline = self.job.policy.threshold
+        self._round = RoundState(max(0, round_number - 1), baseline, baseline)
 
     def outcome(self, vm: str) -> VmOutcome:
         run = self._runs[vm]
@@ -513,28 +579,39 @@ class Coordinator:
     def candidates(self, tried: set[str]) -> list[Proxy]:
         """Proxies alive, not tried in this pass, eligible for a pending VM and below their stream limit."""
         out = []
+        down, counts, limits, ledger = self._down, self._round.eligible_count, self.limits, self.ledger
         for name in self.proxy_names:
-            if name in tried or name in self._down or self._eligible_count[name] <= 0:
+            if name in tried or name in down or counts[name] <= 0:
                 continue
-            if self.ledger.proxy_active(name) < self.limits[name]:
+            if ledger.proxy_active(name) < limits[name]:
                 out.append(self._proxies[name])
         return out
 
     @property
+    def round(self) -> int:
+        return self._round.number
+
+    @property
+    def threshold(self) -> int:
+        """The datastore threshold in force (US 9563514 FIG. 3)."""
+        return self._round.threshold
+
+    @property
+    def started(self) -> set[str]:
+        """VMs of the current round no longer pending."""
+        return self._round.started
+
+    @property
     def priority(self) -> list[PriorityEntry]:
         """The current round's list in the strategy's order (the priority list, for the patent's)."""
-        return list(self._plist)
+        return list(self._round.plist)
 
     def pending(self) -> Iterable[PriorityEntry]:
-        return (e for e in self._plist if e.vm not in self.started)
+        return self._round.pending_entries()
 
     def pending_for(self, proxy: str) -> list[PriorityEntry]:
         """The round's priority list restricted to VMs `proxy` is eligible for (started ones are skipped)."""
-        entries = self._by_proxy.get(proxy, [])
-        if len(self.started) - self._compacted.get(proxy, 0) > len(entries) // 2:
-            entries = self._by_proxy[proxy] = [e for e in entries if e.vm not in self.started]
-            self._compacted[proxy] = len(self.started)
-        return entries
+        return self._round.pending_for(proxy)
 
     def record(self, verdict: str, vm: str | None, proxy: str | None, reason: str,
                scores: Sequence[tuple[str, int]] = ()) -> None:
@@ -548,13 +625,13 @@ class Coordinator:
         out: list[Assignment] = []
         tried: set[str] = set()
         limit = self.job.limit
-        while self._pending:
+        while self._round.pending:
             if self.ledger.job_active(self.job.id) >= limit:
                 self._wait(f"job limit reached: {limit} streams in use")
                 break
             choice = self.strategy.choose(self, tried)
             if choice is None:
-                self._wait(f"{self._pending} VMs wait for a free stream on their proxies")
+                self._wait(f"{self._round.pending} VMs wait for a free stream on their proxies")
                 break
             run = self._runs[choice.entry.vm]
             stream = self._stream_id(run, run.attempts + 1)
@@ -562,13 +639,9 @@ class Coordinator:
                                        self.limits[choice.proxy.name], choice.threshold):
                 tried.add(choice.proxy.name)  # another job took its last stream, or a datastore, meanwhile
                 continue
-            if choice.raises:
-                self.threshold_raises += choice.raises
-                self.record("raise", choice.entry.vm, choice.proxy.name,
-                            f"every VM {choice.proxy.name} can back up is over threshold {self.threshold}: "
-                            f"raised to {choice.threshold}", (("threshold", choice.threshold or 0),))
-            if choice.threshold is not None:
-                self.threshold = choice.threshold
+            if choice.threshold is not None and choice.threshold > self.threshold:
+                self._raise_threshold(choice.entry.vm, choice.proxy.name, choice.threshold,
+                                      f"every VM {choice.proxy.name} can back up is")
             out.append(self._open(run, choice, stream))
             self._waiting = ""
         if self.job.policy.disk_streams is DiskStreams.AUTO:
@@ -577,10 +650,7 @@ class Coordinator:
 
     def _open(self, run: _Run, choice: Choice, stream: str) -> Assignment:
         name = run.vm.name
-        self.started.add(name)
-        self._pending -= 1
-        for proxy in choice.entry.eligible:
-            self._eligible_count[proxy] -= 1
+        self._round.take(choice.entry)
         c = self.job.table.get(name, choice.proxy.name)
         assert c is not None and c.tier is not None and c.mode is not None
         run.status, run.attempts, run.round = VmStatus.RUNNING, run.attempts + 1, self.round
@@ -601,7 +671,7 @@ class Coordinator:
 
     def _disk_streams(self) -> list[Assignment]:
         """Spare streams read further disks of running VMs on the same proxy, largest remaining work first."""
-        spare = self.job.limit - self.ledger.job_active(self.job.id) - self._pending
+        spare = self.job.limit - self.ledger.job_active(self.job.id) - self._round.pending
         if spare <= 0:
             return []
         running = [r for r in self._runs.values() if r.status is VmStatus.RUNNING and r.todo]
@@ -614,15 +684,11 @@ class Coordinator:
                 score = threshold = None
                 if self.strategy.uses_datastore_score:
                     score = datastore_score(run.vm.datastores, self.ledger)
-                    if score >= self.threshold:
-                        if score + 1 > cap:
-                            break
-                        self.threshold_raises += score + 1 - self.threshold
-                        self.record("raise", run.vm.name, run.proxy,
-                                    f"spare streams, every datastore over threshold {self.threshold}: "
-                                    f"raised to {score + 1}", (("threshold", score + 1),))
-                        self.threshold = score + 1
-                    threshold = self.threshold
+                    threshold = threshold_for(score, self.threshold, cap)
+                    if threshold is None:
+                        break
+                    if threshold > self.threshold:
+                        self._raise_threshold(run.vm.name, run.proxy, threshold, "spare streams, every datastore")
                 stream = self._stream_id(run, run.attempts, run.opened)
                 if not self.ledger.acquire(Stream(stream, self.job.id, run.proxy, run.vm.datastores),
                                            self.limits[run.proxy], threshold):
@@ -632,10 +698,11 @@ class Coordinator:
                 run.streams[stream] = disk
                 self._narrow(run)
                 spare -= 1
-                reason = (f"{spare + 1} spare job streams over {self._pending} pending VMs: disk {disk} of "
+                reason = (f"{spare + 1} spare job streams over {self._round.pending} pending VMs: disk {disk} of "
                           f"{run.vm.name} on its own stream")
                 self.record("disk-stream", run.vm.name, run.proxy, reason,
-                            (("datastore_score", score), ("threshold", threshold)) if score is not None else ())
+                            (("datastore_score", score), ("threshold", threshold))
+                            if score is not None and threshold is not None else ())
                 out.append(self._assignment(run, stream, disk, opens=False, extra=True, score=score,
                                             threshold=threshold, reason=reason))
         return out
@@ -645,41 +712,26 @@ class Coordinator:
         stranded = [r for r in self._runs.values() if r.status is VmStatus.STRANDED]
         if not stranded or self.round >= self.job.policy.rounds:
             return False
-        self.round += 1
+        number, table, serving = self.round + 1, self.job.table, self._serving()
         entries = []
         for run in stranded:
-            eligible = frozenset(p for p in self.job.table.eligible_names(run.vm.name, self.round)
-                                 if p not in self._down and self.limits.get(p, 0) > 0)
-            entries.append(PriorityEntry(run.vm.name, eligible, run.vm.total_bytes, run.vm.datastores))
+            eligible = eligible_proxies(run.vm.name, number, table, serving=serving)
+            entries.append(PriorityEntry(run.vm.name, eligible.names, run.vm.total_bytes, run.vm.datastores))
             run.status = VmStatus.PENDING
-        self._plist = self.strategy.order(entries)
-        self._by_proxy, self._compacted = {}, {}
-        self._eligible_count = Counter()
-        for entry in self._plist:
-            for proxy in entry.eligible:
-                self._by_proxy.setdefault(proxy, []).append(entry)
-                self._eligible_count[proxy] += 1
-        self.started = set()
-        self._pending = len(entries)
-        self._recheck = True
-        self.threshold = self.job.policy.threshold
+        self._round = RoundState.begin(number, self.strategy.order(entries), self.job.policy.threshold)
         what = "each VM's best tier" if self.round == 1 else f"tiers up to {Tier(min(self.round, LAST_TIER)).label}"
         self.record("round", None, None, f"round {self.round}: {len(entries)} VMs, {what}")
         return True
 
     def _strand_unreachable(self) -> None:
         """Pending VMs none of whose eligible proxies can take a stream are stranded now, with the reasons."""
-        self._recheck = False
-        for entry in self._plist:
-            if entry.vm in self.started:
-                continue
-            if any(p not in self._down and self.limits.get(p, 0) > 0 for p in entry.eligible):
+        state, serving = self._round, self._serving()
+        state.recheck = False
+        for entry in state.pending_entries():  # `take` changes `started`, never the list walked
+            if not serving.isdisjoint(entry.eligible):
                 continue
             run = self._runs[entry.vm]
-            self.started.add(entry.vm)
-            self._pending -= 1
-            for proxy in entry.eligible:
-                self._eligible_count[proxy] -= 1
+            state.take(entry)
             run.error = self._no_proxy_reason(entry.vm, self.round)
             self._set(run, VmStatus.STRANDED, run.error)
 
@@ -693,6 +745,18 @@ class Coordinator:
         self.record("job", None, None, f"job {report.status} after {self.round} rounds: {counts}")
 
     # ---- helpers -------------------------------------------------------------------------------------------
+
+    def _serving(self) -> frozenset[str]:
+        """The job's proxies that can serve at all: not down, stream limit above 0 (what `eligible_proxies`
+        is restricted to)."""
+        return frozenset(p for p, limit in self.limits.items() if limit > 0 and p not in self._down)
+
+    def _raise_threshold(self, vm: str, proxy: str, threshold: int, every: str) -> None:
+        """Raise the round's threshold to `threshold` (US 9563514 FIG. 3 block 312), counted and explained."""
+        was = self._round.threshold
+        self.threshold_raises += self._round.raise_to(threshold)
+        self.record("raise", vm, proxy, f"{every} over threshold {was}: raised to {threshold}",
+                    (("threshold", threshold),))
 
     def _no_proxy_reason(self, vm: str, round_number: int | None) -> str:
         """'0/N proxies eligible: 2 no access, 1 down, ...' with the reasons counted (like a FitError)."""
@@ -743,7 +807,7 @@ class Coordinator:
 
     def _release(self, stream: str) -> None:
         if self.ledger.release(stream) is not None:
-            self.threshold = self.job.policy.threshold  # back to baseline (US 9563514 FIG. 3)
+            self._round.reset_threshold()
 
     def _set(self, run: _Run, status: VmStatus, reason: str) -> None:
         run.status = status

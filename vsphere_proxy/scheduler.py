@@ -2,7 +2,7 @@
 
 Each block of the patent is a top-level function named after it:
 `max_streams` (FIG. 5), `eligible_proxies` (FIG. 6, in `vsphere_proxy.tiers`), `priority_list` (FIG. 4),
-`next_available_proxy` (FIG. 7), `datastore_score` and `pick_vm` (FIG. 3, blocks 306-312).
+`next_available_proxy` (FIG. 7), `datastore_score`, `threshold_for` and `pick_vm` (FIG. 3, blocks 306-312).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "next_available_proxy",
     "pick_vm",
     "priority_list",
+    "threshold_for",
 ]
 
 
@@ -85,6 +86,17 @@ def next_available_proxy(candidates: Iterable[Proxy], ledger: Ledger, limits: Ma
     return chosen
 
 
+def threshold_for(score: int, threshold: int, cap: int) -> int | None:
+    """The threshold a VM whose datastore score is `score` starts under (US 9563514 FIG. 3, blocks 308-312).
+
+    The threshold in force when the score is below it; otherwise raised by as many steps as it takes to be
+    above the score (score + 1), unless that passes `cap`: then None, the VM waits for a stream to be released.
+    """
+    if score < threshold:
+        return threshold
+    return score + 1 if score + 1 <= cap else None
+
+
 @dataclass(frozen=True, slots=True)
 class Pick:
     entry: PriorityEntry | None
@@ -104,7 +116,7 @@ def pick_vm(proxy: str, plist: Iterable[PriorityEntry], ledger: Ledger, threshol
     VMs named in `skip` (already started) are ignored.
 
     The walk is done once: raising the threshold step by step until some VM is below it picks the first
-    VM with the lowest score, at threshold = that score + 1.
+    VM with the lowest score, at the threshold `threshold_for` gives that score (score + 1, within the cap).
     """
     skipped: list[tuple[str, str]] = []
     lowest: tuple[int, PriorityEntry] | None = None
@@ -125,8 +137,9 @@ def pick_vm(proxy: str, plist: Iterable[PriorityEntry], ledger: Ledger, threshol
     if lowest is None:
         return Pick(None, threshold, 0, tuple(skipped))
     score, entry = lowest
-    if score + 1 > cap:
+    raised = threshold_for(score, threshold, cap)
+    if raised is None:
         if explain:
             skipped = [(vm, f"{why} (cap {cap})") if why.startswith("datastore") else (vm, why) for vm, why in skipped]
         return Pick(None, threshold, 0, tuple(skipped))
-    return Pick(entry, score + 1, score + 1 - threshold, tuple(skipped), score)
+    return Pick(entry, raised, raised - threshold, tuple(skipped), score)

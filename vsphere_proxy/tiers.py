@@ -14,7 +14,7 @@ better tiers were not available.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
@@ -153,17 +153,25 @@ class TierTable:
         """One pass over the pairs: every verdict by VM, and the eligible proxies by VM and tier."""
         by_vm: dict[str, list[Classification]] = {}
         by_tier: dict[str, dict[int, list[str]]] = {}
+        last: str | None = None
+        verdicts: list[Classification] = []
+        tiers: dict[int, list[str]] = {}
         for (vm, proxy), c in self.entries.items():
-            if vm in by_vm:
-                by_vm[vm].append(c)
-            else:
-                by_vm[vm], by_tier[vm] = [c], {}
-            if c.tier is not None:
-                tiers = by_tier[vm]
-                if c.tier in tiers:
-                    tiers[c.tier].append(proxy)
+            if vm != last:  # a table is usually built VM by VM: look the VM up once per run of its pairs
+                last = vm
+                if vm in by_vm:
+                    verdicts, tiers = by_vm[vm], by_tier[vm]
                 else:
-                    tiers[c.tier] = [proxy]
+                    verdicts = by_vm[vm] = []
+                    tiers = by_tier[vm] = {}
+            verdicts.append(c)
+            tier = c.tier
+            if tier is not None:
+                names = tiers.get(tier)
+                if names is None:
+                    tiers[tier] = [proxy]
+                else:
+                    names.append(proxy)
         return by_vm, by_tier
 
     @property
@@ -173,11 +181,11 @@ class TierTable:
     @cached_property
     def _ranked(self) -> dict[str, tuple[list[Classification], list[int]]]:
         """Per VM: its eligible classifications best first (tier, affinity, proxy) and their tiers."""
-        ranked = {}
+        ranked: dict[str, tuple[list[Classification], list[int]]] = {}
         for vm, classifications in self._by_vm.items():
             chosen = [c for c in classifications if c.tier is not None]
             chosen.sort(key=_RANK)
-            ranked[vm] = (chosen, [c.tier for c in chosen])
+            ranked[vm] = (chosen, [c.tier for c in chosen if c.tier is not None])
         return ranked
 
     @classmethod
@@ -199,13 +207,16 @@ class TierTable:
         tiers = self._index[1].get(vm)
         return Tier(min(tiers)) if tiers else None
 
-    def eligible_names(self, vm: str, round_number: int) -> frozenset[str]:
-        """The names of the proxies `eligible` returns, unordered: what the scheduler needs, and cheaper."""
+    def eligible_names(self, vm: str, round_number: int, serving: frozenset[str] | None = None) -> frozenset[str]:
+        """The names of the proxies `eligible` returns, unordered, restricted to `serving` when given: what the
+        scheduler needs, and cheaper. Used by `eligible_proxies`."""
         tiers = self._index[1].get(vm)
         if not tiers:
             return frozenset()
         limit = allowed_tier(Tier(min(tiers)), round_number)
-        return frozenset(p for tier, names in tiers.items() if tier <= limit for p in names)
+        admitted = [names for tier, names in tiers.items() if tier <= limit]
+        picked = admitted[0] if len(admitted) == 1 else [p for names in admitted for p in names]
+        return frozenset(picked) if serving is None else serving.intersection(picked)
 
     def eligible(self, vm: str, round_number: int) -> tuple[Classification, ...]:
         """See `eligible_proxies`; a slice of a precomputed ranking, cheap enough for 10,000 x 200 pairs."""
@@ -231,11 +242,38 @@ def allowed_tier(best: Tier, round_number: int) -> Tier:
     return Tier(min(max(best, round_number), LAST_TIER))
 
 
-def eligible_proxies(vm: str, round_number: int, table: TierTable) -> list[Classification]:
+class Eligible:
+    """The answer of `eligible_proxies` for one VM in one round.
+
+    `names` is the set of eligible proxies, unordered: what the scheduler reads (membership, and the count the
+    priority list sorts by). Iterating yields their classifications best first, ranked only when asked for.
+    """
+
+    __slots__ = ("_round", "_table", "_vm", "names")
+
+    def __init__(self, names: frozenset[str], vm: str, round_number: int, table: TierTable) -> None:
+        self.names = names
+        self._vm, self._round, self._table = vm, round_number, table
+
+    def __iter__(self) -> Iterator[Classification]:
+        names = self.names
+        return (c for c in self._table.eligible(self._vm, self._round) if c.proxy in names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"Eligible({self._vm!r}, round {self._round}: {sorted(self.names)})"
+
+
+def eligible_proxies(vm: str, round_number: int, table: TierTable, *,
+                     serving: frozenset[str] | None = None) -> Eligible:
     """The proxies eligible to back up `vm` in a round (US 9563514 FIG. 6 block 606; DESIGN §3).
 
     Round 1 admits only the VM's best available tier; round k admits every tier <= k, so lower tiers
-    join in later rounds to stop stranded VMs from being stranded again. Ordered best first: tier,
-    then hot-add affinity (same host, same cluster), then proxy name.
+    join in later rounds to stop stranded VMs from being stranded again. The best tier is the VM's over the
+    whole table. `serving`, when given, names the proxies that can serve at all (the coordinator's: not down,
+    stream limit above 0); a proxy outside it is never eligible. Iterated, the answer is ordered best first:
+    tier, then hot-add affinity (same host, same cluster), then proxy name.
     """
-    return list(table.eligible(vm, round_number))
+    return Eligible(table.eligible_names(vm, round_number, serving), vm, round_number, table)

@@ -24,6 +24,7 @@ from vsphere_proxy.cli.common import (
 from vsphere_proxy.config import Config, ConfigError
 from vsphere_proxy.jobs.errors import JobError
 from vsphere_proxy.model import Proxy, ProxyKind
+from vsphere_proxy.scheduler import max_streams
 
 HELP = "serve a read-only dashboard of jobs and streams, and Prometheus metrics at /metrics"
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -78,7 +79,7 @@ def physical_limits(config: Config) -> dict[str, int]:
     """Stream limits of the physical proxies (their CPUs and memory are in the configuration; a VM proxy's would
     need vCenter, so it shows no limit)."""
     formula = config.job.policy.to_policy().formula
-    return {p.name: formula(Proxy(p.name, ProxyKind.PHYSICAL, p.cpus, p.ram_mb)) for p in config.proxies
+    return {p.name: max_streams(Proxy(p.name, ProxyKind.PHYSICAL, p.cpus, p.ram_mb), formula) for p in config.proxies
             if p.kind == "physical" and p.cpus is not None and p.ram_mb is not None}
 
 
