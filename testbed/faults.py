@@ -16,8 +16,7 @@ from vsphere_proxy.jobs.backend import Swept, VCenterBackend
 from vsphere_proxy.jobs.backup import BackupRun
 from vsphere_proxy.model import VM, Inventory, Proxy
 from vsphere_proxy.transports import BLOCK, DiskSource, Transport, TransportError
-
-Rule = Callable[[str, int], bool]  # (vm, block offset) -> whether this read fails
+from vsphere_proxy.transports.fake import Rule  # (vm, block offset) -> whether this read fails
 
 
 class FailingTransport:
@@ -98,12 +97,7 @@ class FailingReads:
 
 def each_vm_once(backend: VCenterBackend) -> FailingReads:
     """Every VM's first attempt fails at its disk's second block: each VM is stranded once, recovered later."""
-    failing: FailingReads
-
-    def rule(vm: str, offset: int) -> bool:
-        return offset == BLOCK and vm not in failing.failed
-
-    failing = FailingReads(backend, rule)
+    failing = FailingReads(backend, lambda vm, offset: offset == BLOCK and vm not in failing.failed)
     return failing
 
 
