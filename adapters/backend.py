@@ -11,6 +11,7 @@ from adapters.backup import ProxyAccess, VSphereSnapshotter
 from adapters.discovery import discover
 from adapters.hotadd import sweep_attached
 from adapters.hotadd_transport import DiskUuidDevices, GuestDevices, SimulatedGuestDevices
+from adapters.restore_vm import VSphereRestorer
 from adapters.session import Session
 from adapters.snapshots import sweep_snapshots
 from vsphere_proxy.config import ProxyConfig
@@ -63,3 +64,6 @@ class VSphereBackend:
                     quiesce: bool) -> VSphereSnapshotter:
         return VSphereSnapshotter(self.session, self.datacenter, vms, proxy_access(self.proxy_configs, proxies),
                                   job_id, quiesce=quiesce)
+
+    def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> VSphereRestorer:
+        return VSphereRestorer(self.session, inventory, proxy_access(self.proxy_configs, proxies), job_id)

@@ -14,7 +14,7 @@ once, with the credentials kept in memory, and is repeated; concurrent callers s
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -279,3 +279,18 @@ class TagClient:
         with self._errors("list attached objects"):
             objects = self._call(lambda: self._association.list_attached_objects(tag_ids[0]), "list attached objects")
         return sorted(o.id for o in objects if o.type == VM_TYPE)
+
+    def attach_tags(self, vm_moref: str, tags: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Attach each (category, tag) to the VM ``vm_moref``; the pairs no tag in vCenter matches (deleted since
+        the backup) are returned, not attached."""
+        wanted = set(tags)
+        if not wanted:
+            return []
+        with self._errors("list tags"):
+            tag_ids = self._call(lambda: self._tag.list(), "list tags")
+        ids = {pair: tag_id for tag_id, pair in self._tag_names(tag_ids).items() if pair in wanted}
+        target = DynamicID(type=VM_TYPE, id=vm_moref)
+        with self._errors("attach tag"):
+            for pair in sorted(ids):
+                self._call(lambda t=ids[pair]: self._association.attach(t, target), "attach tag")
+        return sorted(wanted - set(ids))

@@ -1296,7 +1296,7 @@ def check_restores(bed: Bed, night: Night, broken: set[str]) -> list[str]:
             vm, point = line["vm"], line["point"]
             for index in sorted(d for v, d in bed.disks if v == vm):
                 try:
-                    code, _ = bed.cli.run(["restore", "--config", config, "--vm", vm, "--disk", str(index),
+                    code, _ = bed.cli.run(["restore", "disk", "--config", config, "--vm", vm, "--disk", str(index),
                                            "--point", point, "--to", str(target), "--force", "--json"],
                                           timeout=120)
                 except (CliTimeout, RuntimeError) as e:

@@ -67,7 +67,7 @@ def demo(args: argparse.Namespace) -> int:
             (["discover"], {0}),
             (["plan"], {0}),
             (["backup"], {0, 3}),
-            (["restore", "--vm", disk.vm, "--disk", str(disk.index), "--to", str(restored), "--force"], {0}),
+            (["restore", "disk", "--vm", disk.vm, "--disk", str(disk.index), "--to", str(restored), "--force"], {0}),
             (["verify"], {0}),
             (["jobs"], {0}),
         ]

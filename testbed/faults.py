@@ -1,6 +1,8 @@
-"""Injected read faults for tests, through the job's `VCenterBackend` seam (nothing is patched): `FailingReads`
-is the real backend, except that its snapshots' transports fail where a rule says, on the real transport (hot-add
-really attaches, NBD really reads). `backup_with` runs the configuration's backup job on such a backend."""
+"""Injected faults for tests, through the job's `VCenterBackend` seam (nothing is patched): `FailingReads` is the
+real backend, except that its snapshots' transports fail where a rule says, on the real transport (hot-add really
+attaches, NBD really reads); `FailingWrites` the same for a restore's write transports (the VM is really created,
+the disk really attached, the bytes before the failure really written). `backup_with` and `restore_with` run a
+job on such a backend."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ from typing import Any
 from vsphere_proxy.cli.common import open_catalog, open_repository, read_config, vcenter
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.attempt import SnapshotDiskInfo, Snapshotter, VmSnapshot
-from vsphere_proxy.jobs.backend import Swept, VCenterBackend
+from vsphere_proxy.jobs.backend import CreatedVm, Restorer, Swept, VCenterBackend
 from vsphere_proxy.jobs.backup import BackupRun
+from vsphere_proxy.jobs.restore import RestoreRun
+from vsphere_proxy.jobs.restore_plan import RestoreOptions, VmRestorePlan
 from vsphere_proxy.model import VM, Inventory, Proxy
+from vsphere_proxy.repository import Manifest
 from vsphere_proxy.transports import BLOCK, DiskSource, Transport, TransportError
 from vsphere_proxy.transports.fake import Rule  # (vm, block offset) -> whether this read fails
 
@@ -45,7 +50,7 @@ class FailingTransport:
 
 
 class _Snapshot:
-    def __init__(self, inner: VmSnapshot, vm: str, owner: FailingReads) -> None:
+    def __init__(self, inner: VmSnapshot, vm: str, owner: _Faulty) -> None:
         self.inner, self.vm, self.owner = inner, vm, owner
         self.name: str = inner.name
         self.disks: tuple[SnapshotDiskInfo, ...] = inner.disks
@@ -61,20 +66,72 @@ class _Snapshot:
 
 
 class _Snapshotter:
-    def __init__(self, inner: Snapshotter, owner: FailingReads) -> None:
+    def __init__(self, inner: Snapshotter, owner: _Faulty) -> None:
         self.inner, self.owner = inner, owner
 
     def snapshot(self, assignment: Assignment) -> _Snapshot:
         return _Snapshot(self.inner.snapshot(assignment), assignment.vm, self.owner)
 
 
-class FailingReads:
-    """A `VCenterBackend`: `inner` in everything, except the reads `rule` picks."""
+class FailingWriter:
+    """Delegates to the real write transport; a write the rule picks raises, and is noted in `failed`."""
+
+    def __init__(self, inner: Any, vm: str, rule: Rule, failed: dict[str, str]) -> None:
+        self.inner, self.vm, self.mode, self.rule, self.failed = inner, vm, inner.mode, rule, failed
+
+    def open(self, disk: DiskSource) -> None:
+        self.inner.open(disk)
+
+    def write_block(self, offset: int, data: bytes) -> None:
+        if self.rule(self.vm, offset):
+            self.failed.setdefault(self.vm, self.mode)
+            raise TransportError(f"{self.mode}: injected write failure of {self.vm} at offset {offset}")
+        self.inner.write_block(offset, data)
+
+    def close(self, complete: bool = True) -> None:
+        self.inner.close(complete)
+
+    def __enter__(self) -> FailingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(False)
+
+
+class _Restorer:
+    def __init__(self, inner: Restorer, owner: _Faulty) -> None:
+        self.inner, self.owner = inner, owner
+
+    def check(self, plans: Sequence[VmRestorePlan]) -> None:
+        self.inner.check(plans)
+
+    def config_spec(self, plan: VmRestorePlan) -> dict[str, Any]:
+        return self.inner.config_spec(plan)
+
+    def create(self, plan: VmRestorePlan) -> CreatedVm:
+        created = self.inner.create(plan)
+        self.owner.created.append(created)
+        return created
+
+    def writer(self, created: CreatedVm, mode: str, proxy: str) -> FailingWriter:
+        return FailingWriter(self.inner.writer(created, mode, proxy), created.name, self.owner.rule,
+                             self.owner.failed)
+
+    def complete(self, created: CreatedVm, plan: VmRestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
+        return self.inner.complete(created, plan, nvram)
+
+    def remove(self, created: CreatedVm) -> tuple[str, ...]:
+        return self.inner.remove(created)
+
+
+class _Faulty:
+    """A `VCenterBackend`: `inner` in everything, except what `rule` makes fail."""
 
     def __init__(self, inner: VCenterBackend, rule: Rule) -> None:
         self.inner = inner
         self.rule = rule
-        self.failed: dict[str, str] = {}  # vm -> access mode of its first failed read, filled as it happens
+        self.failed: dict[str, str] = {}  # vm -> access mode of its first failure, filled as it happens
+        self.created: list[CreatedVm] = []  # every VM a restore created
 
     @property
     def datacenter(self) -> str:
@@ -91,8 +148,26 @@ class FailingReads:
         return self.inner.sweep(vms, proxies, spare=spare, job_id=job_id)
 
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
+                    quiesce: bool) -> Snapshotter:
+        return self.inner.snapshotter(vms, proxies, job_id, quiesce=quiesce)
+
+    def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> Restorer:
+        return self.inner.restorer(inventory, proxies, job_id)
+
+
+class FailingReads(_Faulty):
+    """The reads `rule` picks (vm, block offset) fail."""
+
+    def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
                     quiesce: bool) -> _Snapshotter:
         return _Snapshotter(self.inner.snapshotter(vms, proxies, job_id, quiesce=quiesce), self)
+
+
+class FailingWrites(_Faulty):
+    """The restore writes `rule` picks (new VM name, block offset) fail."""
+
+    def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> _Restorer:
+        return _Restorer(self.inner.restorer(inventory, proxies, job_id), self)
 
 
 def each_vm_once(backend: VCenterBackend) -> FailingReads:
@@ -117,6 +192,22 @@ def backup_with(config_path: Path, wrap: Callable[[VCenterBackend], FailingReads
         catalog = open_catalog(config)
         try:
             report = BackupRun(config, backend, repo, catalog, inventory=found.inventory).run()
+        finally:
+            catalog.close()
+    return report.exit_code, report.to_json(), backend
+
+
+def restore_with(config_path: Path, points: Sequence[Manifest], options: RestoreOptions,
+                 wrap: Callable[[VCenterBackend], _Faulty]) -> tuple[int, dict[str, Any], _Faulty]:
+    """Run a restore job of `points` (embedded engine) on the wrapped real backend: the exit code `restore vm`
+    gives, the report as `restore vm --json` prints it, and the faulty backend."""
+    config = read_config(str(config_path))
+    repo = open_repository(config)
+    with vcenter(config) as found:
+        backend = wrap(found.backend)
+        catalog = open_catalog(config)
+        try:
+            report = RestoreRun(config, backend, repo, catalog, points, options, inventory=found.inventory).run()
         finally:
             catalog.close()
     return report.exit_code, report.to_json(), backend

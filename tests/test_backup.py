@@ -118,8 +118,8 @@ def _ours_left(bed: Bed) -> tuple[list[str], list[str]]:
 
 def _restored_hash(bed: Bed, vm: str, disk: int, point: str | None = None) -> str:
     out = bed.work / f"restore-{vm}-{disk}.img"
-    argv = ["restore", "--config", str(bed.config), "--vm", vm, "--disk", str(disk), "--to", str(out), "--force",
-            "--json"]
+    argv = ["restore", "disk", "--config", str(bed.config), "--vm", vm, "--disk", str(disk), "--to", str(out),
+            "--force", "--json"]
     code, data = cli(*argv, *(["--point", point] if point else []))
     assert code == 0, data
     assert data["sha256"] == sha256_file(out)
@@ -306,7 +306,7 @@ def test_bad_input_gets_one_line_and_exit_2(bed: Bed, tmp_path: Path, capsys: py
     bad.write_text(yaml.safe_dump(data))
     assert main(["backup", "--config", str(bad)]) == 2
     assert "not a repository" in capsys.readouterr().err
-    assert main(["restore", "--config", str(bed.config), "--vm", "nope", "--disk", "0", "--to",
+    assert main(["restore", "disk", "--config", str(bed.config), "--vm", "nope", "--disk", "0", "--to",
                  str(tmp_path / "x.img")]) == 2
     assert "--vm" in capsys.readouterr().err and not (tmp_path / "x.img").exists()
     shutil.rmtree(not_repo)

@@ -126,9 +126,10 @@ def test_cbt_status(bed: Bed) -> None:
 def test_restore_and_verify(bed: Bed, job: Job, tmp_path: Path) -> None:
     for old, name in RENAMED.items():
         image = tmp_path / "disk.img"
-        out = ok("restore", "--vm", name, "--disk", "0", "--to", str(image), "--force", "--config", str(bed.config))
+        out = ok("restore", "disk", "--vm", name, "--disk", "0", "--to", str(image), "--force",
+                 "--config", str(bed.config))
         assert out.startswith(f"restored {name} disk 0 from "), out
-        sha = json.loads(ok("restore", "--vm", name, "--disk", "0", "--to", str(image), "--force", "--json",
+        sha = json.loads(ok("restore", "disk", "--vm", name, "--disk", "0", "--to", str(image), "--force", "--json",
                             "--config", str(bed.config)))["sha256"]
         assert sha == bed.images[(old, 0)], f"{name} restores bit for bit"
     assert "ok" in ok("verify", "--config", str(bed.config))

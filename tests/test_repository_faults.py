@@ -535,7 +535,7 @@ def test_restore_of_a_broken_point_fails_with_one_line_naming_it(repo: Repositor
     point = backup(repo, "db-01", random_bytes(10_000, 70))
     (repo.points_dir / f"{point.id}.json").write_bytes(b'{"version": 1, "id": "')
     config = write_config(tmp_path, repo)
-    code = main(["restore", "--config", str(config), "--vm", "db-01", "--point", point.id, "--disk", "0",
+    code = main(["restore", "disk", "--config", str(config), "--vm", "db-01", "--point", point.id, "--disk", "0",
                  "--to", str(tmp_path / "db-01.img")])
     err = capsys.readouterr().err.strip()
     assert code == 4 and "\n" not in err

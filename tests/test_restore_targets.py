@@ -43,7 +43,7 @@ class Backed:
     images: dict[tuple[str, int], str]
 
     def restore(self, to: Path | str, *extra: str, disk: int | None = None) -> subprocess.CompletedProcess[str]:
-        return run("restore", "--config", str(self.config), "--vm", VM, "--disk", str(self.disk(disk)),
+        return run("restore", "disk", "--config", str(self.config), "--vm", VM, "--disk", str(self.disk(disk)),
                    "--to", str(to), *extra)
 
     def disk(self, index: int | None = None) -> int:
@@ -208,7 +208,7 @@ def test_a_bad_point_is_bad_input(backed: Backed, tmp_path: Path) -> None:
         r = backed.restore(out, "--point", point)
         assert r.returncode == 2, r.stderr
         assert r.stderr == f"vsphere-proxy: error: {message}\n"
-    r = run("restore", "--config", str(backed.config), "--vm", "web-01", "--disk", "0", "--to", str(out),
+    r = run("restore", "disk", "--config", str(backed.config), "--vm", "web-01", "--disk", "0", "--to", str(out),
             "--point", backed.point.id)
     assert r.returncode == 2
     assert f"--point: {backed.point.id} is a restore point of 'db-01', not 'web-01'" in r.stderr
@@ -218,7 +218,7 @@ def test_a_bad_point_is_bad_input(backed: Backed, tmp_path: Path) -> None:
 def test_a_locked_repository_is_exit_5_and_nothing_is_written(backed: Backed, tmp_path: Path) -> None:
     out = tmp_path / "x.img"
     with backed.repo.lock("exclusive", "held by this test"):
-        for args in (("restore", "--config", str(backed.config), "--vm", VM, "--disk", "0", "--to", str(out)),
+        for args in (("restore", "disk", "--config", str(backed.config), "--vm", VM, "--disk", "0", "--to", str(out)),
                      ("verify", "--config", str(backed.config))):
             r = run(*args)
             assert r.returncode == 5, (args, r.stderr)

@@ -28,7 +28,9 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -51,6 +53,7 @@ class JobRow(_Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(80), primary_key=True)
     name: Mapped[str] = mapped_column(String(80), index=True)
+    kind: Mapped[str] = mapped_column(String(20), default="backup", server_default="backup")  # backup | restore
     status: Mapped[str] = mapped_column(String(20))  # running | complete | partial | failed | interrupted
     engine: Mapped[str] = mapped_column(String(20))
     policy: Mapped[dict[str, Any]]
@@ -277,6 +280,7 @@ class Catalog:
             if engine.dialect.name == "sqlite":
                 event.listen(engine, "connect", _sqlite_pragmas)
             _Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
         except SQLAlchemyError as e:
             raise CatalogError(f"catalog {_safe(url)}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         return cls(engine)
@@ -288,10 +292,10 @@ class Catalog:
 
     def start_job(self, job_id: str, name: str, *, engine: str, policy: dict[str, Any],
                   coordinator: str | None, controllers: Sequence[str] = (),
-                  summary: dict[str, Any] | None = None) -> None:
+                  summary: dict[str, Any] | None = None, kind: str = "backup") -> None:
         at = now()
         with self._tx() as s:
-            s.add(JobRow(id=job_id, name=name, status="running", engine=engine, policy=policy, started=at,
+            s.add(JobRow(id=job_id, name=name, kind=kind, status="running", engine=engine, policy=policy, started=at,
                          ended=None, rounds=0, summary=dict(summary or {})))
             s.flush()
             if coordinator is not None:
@@ -473,6 +477,20 @@ class Catalog:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+_ADDED_COLUMNS = {"jobs": {"kind": "VARCHAR(20) NOT NULL DEFAULT 'backup'"}}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added since a catalog was created: added to its tables in place (existing jobs are backups)."""
+    tables = inspect(engine)
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {c["name"] for c in tables.get_columns(table)}
+        for name, ddl in columns.items():
+            if name not in have:
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,6 +1,11 @@
-"""`vsphere-proxy restore`: write one disk of a restore point, equal to the source disk's bytes at backup time, as a
-flat image file or into a block device (a LUN, a loop device). Needs only the repository; nothing in vCenter
-changes."""
+"""`vsphere-proxy restore`: bring backups back.
+
+- `restore vm`: VMs recreated in vCenter from their restore points (`vsphere_proxy.jobs.restore.RestoreRun`), a
+  restore job run by the coordinator through the proxies, beside the backups running at the same time.
+- `restore disk --to FILE|DEVICE`: one disk as a flat image file or into a block device; needs only the
+  repository, nothing in vCenter changes.
+Exit 0 when every VM is restored, 3 when some are not, 4 when none is, 2 on bad input (nothing created).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,14 @@ import argparse
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
+from vsphere_proxy.backup_report import BackupReport
 from vsphere_proxy.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -19,14 +28,27 @@ from vsphere_proxy.cli.common import (
     add_config_argument,
     console,
     emit_json,
+    job_failure,
+    line,
+    open_catalog,
     open_repository,
     read_config,
     repository_failure,
+    styled,
+    vcenter,
 )
+from vsphere_proxy.cli.signals import stop_on_signals
+from vsphere_proxy.engine.control import JobControl
+from vsphere_proxy.jobs.errors import JobError
+from vsphere_proxy.jobs.restore import RestoreRun
+from vsphere_proxy.jobs.restore_plan import RestoreOptions
 from vsphere_proxy.repository import Manifest, Repository, RepositoryError
 from vsphere_proxy.repository.format import POINT_ID
+from vsphere_proxy.units import human_size
 
-HELP = "restore one disk of a VM's restore point to a flat image file or into a block device"
+HELP = "restore VMs into vCenter, or one disk to an image file or block device"
+VM_HELP = "recreate VMs in vCenter from their restore points, written through the proxies"
+DISK_HELP = "restore one disk of a VM's restore point to a flat image file or into a block device"
 
 _REFUSED = ((stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
             (stat.S_ISDIR, "a directory"))
@@ -34,17 +56,190 @@ _REFUSED = ((stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO"), (st
 
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("restore", help=HELP, description=HELP)
-    add_config_argument(p)
-    p.add_argument("--vm", required=True, help="the VM's name")
-    p.add_argument("--point", help="restore point id (default: the VM's latest)")
-    p.add_argument("--disk", type=int, required=True, help="disk index in the restore point (0 = first disk)")
-    p.add_argument("--to", required=True, type=Path,
-                   help="the flat image file to write, or a block device to write the disk into (no larger than "
-                        "the device; what lies beyond the disk's capacity is left as it is)")
-    p.add_argument("--force", action="store_true", help="replace --to if it is a file, overwrite it if a device")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=do_restore)
+    kinds = p.add_subparsers(dest="what", required=True, metavar="{vm,disk}")
+    vm = kinds.add_parser("vm", help=VM_HELP, description=VM_HELP)
+    add_config_argument(vm)
+    which = vm.add_argument_group("which VMs (any mix; each VM's latest restore point unless --point)")
+    which.add_argument("--vm", action="append", default=[], help="a VM's name (repeat for several)")
+    which.add_argument("--tag", action="append", default=[], metavar="CATEGORY:TAG",
+                       help="every VM whose latest restore point carries this tag")
+    which.add_argument("--job", help="every VM backed up by this backup job (its restore points)")
+    which.add_argument("--point", help="restore point id (with one --vm)")
+    where = vm.add_argument_group("where")
+    where.add_argument("--name", help="the new VM's name (one VM; default <vm>-restored-<UTC time>)")
+    where.add_argument("--folder", help="VM folder path below the datacenter (default: the recorded one)")
+    where.add_argument("--cluster", help="cluster to place the VM in")
+    where.add_argument("--host", help="ESXi host to register the VM on")
+    where.add_argument("--resource-pool", help="resource pool path below the host folder, e.g. Prod/Resources/Gold")
+    where.add_argument("--datastore", help="put every disk (and the VM's home) on this datastore")
+    where.add_argument("--datastore-map", action="append", default=[], metavar="OLD=NEW",
+                       help="put what was on datastore OLD on NEW (repeat)")
+    where.add_argument("--network-map", action="append", default=[], metavar="OLD=NEW",
+                       help="connect NICs that were on network OLD to NEW (repeat)")
+    how = vm.add_argument_group("how")
+    how.add_argument("--power-on", action="store_true", help="power the VM on once it is restored")
+    how.add_argument("--keep-identity", action="store_true",
+                     help="keep the source's BIOS/instance UUIDs and MAC addresses (default: new ones)")
+    how.add_argument("--overwrite", action="store_true",
+                     help="replace the original VM (only when powered off), once the new copy is fully written")
+    how.add_argument("--force-power-off", action="store_true", help="with --overwrite: power the original off")
+    how.add_argument("--dry-run", action="store_true", help="print the plan and ConfigSpec; change nothing")
+    vm.add_argument("--json", action="store_true", help="print the result as JSON")
+    vm.set_defaults(func=do_restore_vm)
 
+    disk = kinds.add_parser("disk", help=DISK_HELP, description=DISK_HELP)
+    add_config_argument(disk)
+    disk.add_argument("--vm", required=True, help="the VM's name")
+    disk.add_argument("--point", help="restore point id (default: the VM's latest)")
+    disk.add_argument("--disk", type=int, required=True, help="disk index in the restore point (0 = first disk)")
+    disk.add_argument("--to", required=True, type=Path,
+                      help="the flat image file to write, or a block device to write the disk into (no larger than "
+                           "the device; what lies beyond the disk's capacity is left as it is)")
+    disk.add_argument("--force", action="store_true", help="replace --to if it is a file, overwrite it if a device")
+    disk.add_argument("--json", action="store_true", help="print the result as JSON")
+    disk.set_defaults(func=do_restore_disk)
+
+
+# -- restore vm ---------------------------------------------------------------------------------------------------
+
+def _pairs(values: Sequence[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        old, sep, new = v.partition("=")
+        if not sep or not old or not new:
+            raise CommandError(f"{option}: {v!r} is not OLD=NEW", EXIT_BAD_INPUT)
+        if old in out and out[old] != new:
+            raise CommandError(f"{option}: {old!r} is mapped twice ({out[old]!r}, {new!r})", EXIT_BAD_INPUT)
+        out[old] = new
+    return out
+
+
+def _tagged(point: Manifest, tag: str) -> bool:
+    cfg = point.vm_config
+    if cfg is not None:
+        return any(f"{t.category}:{t.name}" == tag for t in cfg.tags)
+    return tag in (point.config.get("tags") or [])
+
+
+def select_points(repo: Repository, args: argparse.Namespace) -> list[Manifest]:
+    """The restore point of every VM asked for, in the order asked, each VM once."""
+    if args.point is not None and (len(args.vm) != 1 or args.tag or args.job):
+        raise CommandError("--point: names the restore point of one --vm", EXIT_BAD_INPUT)
+    for tag in args.tag:
+        if ":" not in tag:
+            raise CommandError(f"--tag: {tag!r} is not CATEGORY:TAG", EXIT_BAD_INPUT)
+    if not (args.vm or args.tag or args.job):
+        raise CommandError("--vm: name the VMs to restore (--vm, --tag or --job)", EXIT_BAD_INPUT)
+    points: dict[str, Manifest] = {}
+    for vm in args.vm:
+        points.setdefault(vm, choose_point(repo, vm, args.point))
+    if args.tag or args.job:
+        latest: dict[str, Manifest] = {}
+        for p in repo.points():  # oldest first: the last one of each VM wins
+            if args.job is None or p.job_id == args.job:
+                latest[p.vm.name] = p
+        if args.job is not None and not latest:
+            raise CommandError(f"--job: no restore point of backup job {args.job!r} in {repo.path}", EXIT_BAD_INPUT)
+        for tag in args.tag:
+            tagged = [p for p in latest.values() if _tagged(p, tag)]
+            if not tagged:
+                raise CommandError(f"--tag: no VM's restore point carries tag {tag!r}", EXIT_BAD_INPUT)
+            for p in tagged:
+                points.setdefault(p.vm.name, p)
+        if args.job is not None and not args.tag:
+            for name, p in sorted(latest.items()):
+                points.setdefault(name, p)
+    return list(points.values())
+
+
+def options_of(args: argparse.Namespace) -> RestoreOptions:
+    return RestoreOptions(
+        name=args.name, folder=args.folder, cluster=args.cluster, host=args.host, resource_pool=args.resource_pool,
+        datastore=args.datastore, datastore_map=_pairs(args.datastore_map, "--datastore-map"),
+        network_map=_pairs(args.network_map, "--network-map"), power_on=args.power_on,
+        keep_identity=args.keep_identity, overwrite=args.overwrite, force_power_off=args.force_power_off)
+
+
+def print_restore(report: BackupReport, names: dict[str, dict[str, str]]) -> None:
+    out = console()
+    data = report.to_json()
+    table = Table("VM", "from", "status", "proxy", "mode", "round", "written", "s", title=f"Restore {report.job_id}")
+    for v in report.vms:
+        source = names.get(v.vm, {})
+        colour = {"done": "green", "failed": "red", "unprotected": "red"}.get(v.status, "")
+        table.add_row(source.get("name", v.vm), f"{source.get('vm', '')} {source.get('point', '')}".strip(),
+                      styled(v.status, colour), v.proxy or "", v.mode or "", str(v.round or ""),
+                      human_size(v.bytes_read) if v.bytes_read else "", f"{v.seconds:.1f}" if v.seconds else "")
+    out.print(table)
+    for v in report.vms:
+        if v.status != "done":
+            out.print(line(styled(v.vm, "red"), f": {v.error}"), soft_wrap=True)
+        for note in v.notes:
+            out.print(f"{v.vm}: {note}", soft_wrap=True)
+    for what, items in ((styled("left behind", "red"), data["left_behind"]),
+                        (styled("job errors", "red"), data["problems"])):
+        if items:
+            out.print(line(what, f": {', '.join(items)}"), soft_wrap=True)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items()))
+    modes = ", ".join(f"{n} {m}" for m, n in data["modes"].items()) or "none"
+    out.print(line(styled(report.status, "bold"), f": {counts}; by mode: {modes}; rounds {data['rounds']}; "
+                   f"written {human_size(data['bytes_read'])}"), soft_wrap=True)
+
+
+def print_dry_run(data: dict[str, Any]) -> None:
+    out = console()
+    for vm in data["vms"]:
+        write = vm["write"]
+        out.print(line(styled(vm["name"], "bold"), f" from {vm['vm']} {vm['point']}: host {vm['host']}, folder "
+                       f"/{vm['folder']}, home {vm['home_datastore']}; writes by {write['mode']} through "
+                       f"{', '.join(write['proxies']) or 'no proxy'}"), soft_wrap=True)
+        for d in vm["disks"]:
+            out.print(f"  disk {d['index']} {d['label']}: {human_size(d['capacity'])} {d['provisioning']}, "
+                      f"{d['from']} -> {d['to']} (needs {human_size(d['needs'])})", soft_wrap=True)
+        for n in vm["nics"]:
+            out.print(f"  {n['label']}: {n['from']} -> {n['to']}", soft_wrap=True)
+        for left in vm["config_spec"].get("_left_out", []):
+            out.print(f"  not recreated: {left}", soft_wrap=True)
+    out.print("dry run: nothing was changed (--json prints each ConfigSpec)", soft_wrap=True)
+
+
+def do_restore_vm(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    repo = open_repository(config)
+    options = options_of(args)
+    try:
+        points = select_points(repo, args)
+    except RepositoryError as e:
+        raise repository_failure(e) from None
+    control = JobControl()
+    with stop_on_signals(control), vcenter(config) as found:
+        catalog = open_catalog(config)
+        run = RestoreRun(config, found.backend, repo, catalog, points, options, inventory=found.inventory,
+                         control=control)
+        try:
+            if args.dry_run:
+                data = run.dry_run().to_json()
+                emit_json(data) if args.json else print_dry_run(data)
+                return EXIT_OK
+            report = run.run()
+        except JobError as e:
+            raise job_failure(e) from None
+        except RepositoryError as e:
+            raise repository_failure(e) from None
+        finally:
+            catalog.close()
+    names = {p.create_as: {"vm": p.source, "point": p.point.id, "name": p.name} for p in run.plans}
+    if args.json:
+        emit_json({**report.to_json(), "restores": names})
+    else:
+        print_restore(report, names)
+    request = control.request
+    if report.status == "interrupted" and request is not None and request.signal is not None:
+        return 128 + request.signal
+    return report.exit_code
+
+
+# -- restore disk --to --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Target:
@@ -110,7 +305,7 @@ def choose_point(repo: Repository, vm: str, point: str | None) -> Manifest:
     return manifest
 
 
-def do_restore(args: argparse.Namespace) -> int:
+def do_restore_disk(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     repo = open_repository(config)
     target = check_target(args.to, args.force)

@@ -1,5 +1,6 @@
 """What a job needs of vCenter, as one protocol (`VCenterBackend`): read the inventory, keep the session alive,
-sweep what earlier jobs left behind, and snapshot VMs for their attempts.
+sweep what earlier jobs left behind, snapshot VMs for their attempts, and recreate VMs from restore points
+(`Restorer`).
 
 `adapters.backend.VSphereBackend` implements it with pyvmomi against a real vCenter (or the simulator);
 `vsphere_proxy.jobs.fake_backend.FakeBackend` implements it in memory, for tests that need no vCenter or inject
@@ -11,12 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vsphere_proxy.engine.attempt import Snapshotter
 from vsphere_proxy.model import VM, Inventory, Proxy
+from vsphere_proxy.transports import DiskSource
 
-__all__ = ["Swept", "VCenterBackend"]
+if TYPE_CHECKING:
+    from vsphere_proxy.transports.write import WriteTransport
+
+    from vsphere_proxy.jobs.restore_plan import VmRestorePlan
+
+__all__ = ["CreatedVm", "Restorer", "Swept", "VCenterBackend"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,41 @@ class Swept:
 
     def __add__(self, other: Swept) -> Swept:
         return Swept(self.snapshots + other.snapshots, self.disks + other.disks, self.errors + other.errors)
+
+
+@dataclass(frozen=True)
+class CreatedVm:
+    """A VM a restore created, with its empty disks (by the restore point's disk index) and what else it made."""
+
+    moref: str
+    name: str
+    disks: Mapping[int, DiskSource]  # point disk index -> the new VM's disk to write
+    directories: tuple[str, ...] = ()  # "[datastore] dir" made for disks beside the VM's home
+
+
+class Restorer(Protocol):
+    """Recreates VMs from restore points (DESIGN §8), owned by one restore job."""
+
+    def check(self, plans: Sequence[VmRestorePlan]) -> None:
+        """What only vCenter can answer before anything is created (a folder or resource pool path): raises
+        `BadJob` naming the option and the value."""
+
+    def config_spec(self, plan: VmRestorePlan) -> dict[str, Any]:
+        """The ConfigSpec the new VM is created with, as JSON (what `--dry-run` prints)."""
+
+    def create(self, plan: VmRestorePlan) -> CreatedVm:
+        """Create the VM with empty disks on their target datastores; on failure nothing is left."""
+
+    def writer(self, created: CreatedVm, mode: str, proxy: str) -> WriteTransport:
+        """The write transport of `mode` through which `proxy` writes the new VM's disks."""
+
+    def complete(self, created: CreatedVm, plan: VmRestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
+        """Once every disk is written: the NVRAM file (`nvram`, from the restore point), tags, custom
+        attributes; the original replaced (with `--overwrite`) and the VM renamed to its final name; powered on
+        when asked. Notes for the report; raises when the VM cannot be made whole (the caller then removes it)."""
+
+    def remove(self, created: CreatedVm) -> tuple[str, ...]:
+        """Delete the created VM and every file it made; what could not be removed (never raises)."""
 
 
 class VCenterBackend(Protocol):
@@ -49,3 +91,6 @@ class VCenterBackend(Protocol):
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
                     quiesce: bool) -> Snapshotter:
         """Snapshots of the job's VMs, owned by `job_id`, read through the proxies' transports."""
+
+    def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> Restorer:
+        """Restores of one job into the inventory's datacenter, written through the proxies' write transports."""

@@ -34,7 +34,7 @@ from vsphere_proxy.faults import JobFault
 from vsphere_proxy.jobs.backend import Swept, VCenterBackend
 from vsphere_proxy.jobs.errors import BadJob, JobFailed
 from vsphere_proxy.jobs.fleet import Fleet
-from vsphere_proxy.jobs.recorder import CatalogRecorder, record_states
+from vsphere_proxy.jobs.recorder import AttemptEnds, CatalogRecorder, record_states
 from vsphere_proxy.jobs.resume import Earlier
 from vsphere_proxy.jobs.setup import JobSetup, build_job, claim_vms, new_job_id, throttles
 from vsphere_proxy.ledger import InMemoryLedger
@@ -42,16 +42,6 @@ from vsphere_proxy.model import VM, Inventory
 from vsphere_proxy.repository import Repository
 
 ENGINES = ("embedded", "celery")
-
-
-class _Ends(Observer):
-    """Every attempt's end, for the job's report."""
-
-    def __init__(self, earlier: Sequence[AttemptEnd] = ()) -> None:
-        self.ends: list[AttemptEnd] = list(earlier)
-
-    def attempt_ended(self, end: AttemptEnd) -> None:
-        self.ends.append(end)
 
 
 class _CleanUpLost(Observer):
@@ -181,7 +171,7 @@ class BackupRun:
             catalog.reopen_job(job_id, role)
             catalog.set_states(job_id, earlier.done_states())
             coordinator.carry_over(earlier.attempts, earlier.round)
-        ends = _Ends(earlier.ends if earlier else ())
+        ends = AttemptEnds(earlier.ends if earlier else ())
         recorder = CatalogRecorder(catalog, setup.job, vms, attempts=self.engine == "embedded",
                                    rounds=earlier.rounds if earlier else ())
         watchers = Observers(ends, recorder, _CleanUpLost(backend, job_id, setup, vms), observer)

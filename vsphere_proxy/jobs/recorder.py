@@ -14,6 +14,16 @@ from vsphere_proxy.engine.protocol import Observer
 from vsphere_proxy.model import VM
 
 
+class AttemptEnds(Observer):
+    """Every attempt's end, for the job's report (with those of a run taken over, when resumed)."""
+
+    def __init__(self, earlier: Iterable[AttemptEnd] = ()) -> None:
+        self.ends: list[AttemptEnd] = list(earlier)
+
+    def attempt_ended(self, end: AttemptEnd) -> None:
+        self.ends.append(end)
+
+
 def attempt_result(end: AttemptEnd) -> VmResult:
     """An attempt as the catalog keeps it."""
     return VmResult(vm=end.vm, round=end.round, attempt=end.attempt, proxy=end.proxy, mode=end.mode,
