@@ -23,6 +23,7 @@ from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
 
 from adapters.backup import ProxyAccess
 from adapters.errors import VSphereError
+from adapters.hotadd import free_slot, new_controller
 from adapters.nbd import session_cookie
 from adapters.properties import managed, read_one
 from adapters.restore_spec import build_spec, disk_file, file_base
@@ -31,7 +32,7 @@ from adapters.session import Session
 from adapters.tasks import TaskError, describe_fault, wait_for_task
 from vsphere_proxy.jobs.backend import CreatedVm
 from vsphere_proxy.jobs.errors import BadJob
-from vsphere_proxy.jobs.restore_plan import VmRestorePlan
+from vsphere_proxy.jobs.restore_plan import DiskRestorePlan, RestorePlan, VmRestorePlan
 from vsphere_proxy.model import Inventory
 from vsphere_proxy.transports import DiskSource, TransportError
 
@@ -103,8 +104,11 @@ class VSphereRestorer:
 
     # -- the Restorer protocol ------------------------------------------------------------------------------------
 
-    def check(self, plans: Sequence[VmRestorePlan]) -> None:
+    def check(self, plans: Sequence[RestorePlan]) -> None:
         for plan in plans:
+            if isinstance(plan, DiskRestorePlan):
+                self._disk_change(plan)
+                continue
             self.folder(plan.folder)
             self.pool(plan)
             try:
@@ -112,13 +116,18 @@ class VSphereRestorer:
             except ValueError as e:
                 raise BadJob(f"--point: {e}") from None
 
-    def config_spec(self, plan: VmRestorePlan) -> dict[str, Any]:
+    def config_spec(self, plan: RestorePlan) -> dict[str, Any]:
+        if isinstance(plan, DiskRestorePlan):
+            change = vim.vm.ConfigSpec(deviceChange=self._disk_change(plan))
+            return json.loads(json.dumps(change, cls=VmomiJSONEncoder, strip_dynamic=True))  # type: ignore[no-any-return]
         spec = build_spec(plan)
         data: dict[str, Any] = json.loads(json.dumps(spec.spec, cls=VmomiJSONEncoder, strip_dynamic=True))
         data["_left_out"] = list(spec.left_out)
         return data
 
-    def create(self, plan: VmRestorePlan) -> CreatedVm:
+    def create(self, plan: RestorePlan) -> CreatedVm:
+        if isinstance(plan, DiskRestorePlan):
+            return self._add_disk(plan)
         spec = build_spec(plan)
         made: list[str] = []
         try:
@@ -160,7 +169,10 @@ class VSphereRestorer:
             return NbdWriter.for_session(self.session, self.datacenter)
         raise TransportError(f"unknown write mode {mode!r}")
 
-    def complete(self, created: CreatedVm, plan: VmRestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
+    def complete(self, created: CreatedVm, plan: RestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
+        if isinstance(plan, DiskRestorePlan):
+            disk = created.disks[plan.disk.index]
+            return (f"attached to {plan.target.name} as {disk.file}",)
         notes: list[str] = []
         vm = managed(self.session, vim.VirtualMachine, created.moref)
         cfg = plan.point.vm_config
@@ -195,6 +207,8 @@ class VSphereRestorer:
     def remove(self, created: CreatedVm) -> tuple[str, ...]:
         left: list[str] = []
         vm = managed(self.session, vim.VirtualMachine, created.moref)
+        if created.attached:
+            return self._remove_disks(vm, created)
         try:
             state = read_one(self.session, vm, ["runtime.powerState"]).get("runtime.powerState")
             if state is not None:
@@ -206,6 +220,62 @@ class VSphereRestorer:
         files = [d.file for d in created.disks.values()
                  if not any(d.file.startswith(f"{directory}/") for directory in created.directories)]
         return tuple(left + self._delete_files(files, list(created.directories)))
+
+    # -- a disk into an existing VM -------------------------------------------------------------------------------
+
+    def _disk_change(self, plan: DiskRestorePlan) -> list[Any]:
+        """The device changes that add the empty disk on the VM's first free SCSI slot (a new paravirtual
+        controller when every one is full)."""
+        vm = managed(self.session, vim.VirtualMachine, plan.target.moref)
+        devices = read_one(self.session, vm, ["config.hardware.device"]).get("config.hardware.device") or []
+        changes: list[Any] = []
+        slot = free_slot(devices)
+        if slot is None:
+            ctrl = new_controller(devices)
+            if ctrl is None:
+                raise BadJob(f"--to-vm: every unit of {plan.target.name}'s SCSI controllers is taken")
+            changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl))
+            slot = (ctrl.key, 0)
+        d = plan.disk
+        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName=f"[{d.datastore}]", diskMode="persistent", thinProvisioned=d.provisioning == "thin",
+            eagerlyScrub=d.provisioning == "thick-eager")
+        disk = vim.vm.device.VirtualDisk(key=-201, controllerKey=slot[0], unitNumber=slot[1],
+                                         capacityInKB=d.capacity // 1024, capacityInBytes=d.capacity, backing=backing)
+        changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk))
+        return changes
+
+    def _add_disk(self, plan: DiskRestorePlan) -> CreatedVm:
+        vm = managed(self.session, vim.VirtualMachine, plan.target.moref)
+        before = read_one(self.session, vm, ["config.hardware.device"]).get("config.hardware.device") or []
+        known = {d.key for d in before}
+        what = f"adding disk {plan.disk.index} of {plan.point.id} to {plan.target.name}"
+        try:
+            self._task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=self._disk_change(plan))), what)
+        except (TaskError, vmodl.MethodFault) as e:
+            raise RestoreFailed(f"{what} failed: {describe(e)}") from None
+        after = read_one(self.session, vm, ["config.hardware.device"]).get("config.hardware.device") or []
+        added = [d for d in after if isinstance(d, vim.vm.device.VirtualDisk) and d.key not in known]
+        if len(added) != 1:
+            raise RestoreFailed(f"{what}: the reconfiguration succeeded but {len(added)} new disks are on the VM")
+        device = added[0]
+        file = device.backing.fileName
+        source = DiskSource(plan.target.name, plan.disk.index, file, _datastore_of(file) or plan.disk.datastore,
+                            plan.disk.capacity)
+        return CreatedVm(plan.target.moref, plan.create_as, {plan.disk.index: source}, (), (device.key,))
+
+    def _remove_disks(self, vm: Any, created: CreatedVm) -> tuple[str, ...]:
+        try:
+            devices = read_one(self.session, vm, ["config.hardware.device"]).get("config.hardware.device") or []
+            changes = [vim.vm.device.VirtualDeviceSpec(operation="remove", fileOperation="destroy", device=d)
+                       for d in devices if d.key in created.attached]
+            if changes:
+                self._task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)),
+                           f"removing the restored disk from {created.name}")
+        except Exception as e:
+            files = [d.file for d in created.disks.values()]
+            return (f"disk {', '.join(files)} of {created.moref}: {describe(e)}",)
+        return ()
 
     # -- steps ----------------------------------------------------------------------------------------------------
 

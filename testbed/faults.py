@@ -17,7 +17,7 @@ from vsphere_proxy.engine.attempt import SnapshotDiskInfo, Snapshotter, VmSnapsh
 from vsphere_proxy.jobs.backend import CreatedVm, Restorer, Swept, VCenterBackend
 from vsphere_proxy.jobs.backup import BackupRun
 from vsphere_proxy.jobs.restore import RestoreRun
-from vsphere_proxy.jobs.restore_plan import RestoreOptions, VmRestorePlan
+from vsphere_proxy.jobs.restore_plan import RestoreOptions, RestorePlan
 from vsphere_proxy.model import VM, Inventory, Proxy
 from vsphere_proxy.repository import Manifest
 from vsphere_proxy.transports import BLOCK, DiskSource, Transport, TransportError
@@ -102,13 +102,13 @@ class _Restorer:
     def __init__(self, inner: Restorer, owner: _Faulty) -> None:
         self.inner, self.owner = inner, owner
 
-    def check(self, plans: Sequence[VmRestorePlan]) -> None:
+    def check(self, plans: Sequence[RestorePlan]) -> None:
         self.inner.check(plans)
 
-    def config_spec(self, plan: VmRestorePlan) -> dict[str, Any]:
+    def config_spec(self, plan: RestorePlan) -> dict[str, Any]:
         return self.inner.config_spec(plan)
 
-    def create(self, plan: VmRestorePlan) -> CreatedVm:
+    def create(self, plan: RestorePlan) -> CreatedVm:
         created = self.inner.create(plan)
         self.owner.created.append(created)
         return created
@@ -117,7 +117,7 @@ class _Restorer:
         return FailingWriter(self.inner.writer(created, mode, proxy), created.name, self.owner.rule,
                              self.owner.failed)
 
-    def complete(self, created: CreatedVm, plan: VmRestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
+    def complete(self, created: CreatedVm, plan: RestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
         return self.inner.complete(created, plan, nvram)
 
     def remove(self, created: CreatedVm) -> tuple[str, ...]:
@@ -207,7 +207,7 @@ def restore_with(config_path: Path, points: Sequence[Manifest], options: Restore
         backend = wrap(found.backend)
         catalog = open_catalog(config)
         try:
-            report = RestoreRun(config, backend, repo, catalog, points, options, inventory=found.inventory).run()
+            report = RestoreRun.vms(config, backend, repo, catalog, points, options, inventory=found.inventory).run()
         finally:
             catalog.close()
     return report.exit_code, report.to_json(), backend

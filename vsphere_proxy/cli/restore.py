@@ -92,9 +92,14 @@ def build_parser(sub: Any) -> None:
     disk.add_argument("--vm", required=True, help="the VM's name")
     disk.add_argument("--point", help="restore point id (default: the VM's latest)")
     disk.add_argument("--disk", type=int, required=True, help="disk index in the restore point (0 = first disk)")
-    disk.add_argument("--to", required=True, type=Path,
-                      help="the flat image file to write, or a block device to write the disk into (no larger than "
-                           "the device; what lies beyond the disk's capacity is left as it is)")
+    to = disk.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", type=Path,
+                    help="the flat image file to write, or a block device to write the disk into (no larger than "
+                         "the device; what lies beyond the disk's capacity is left as it is)")
+    to.add_argument("--to-vm", metavar="VM", help="add the disk to this existing VM in vCenter (a free SCSI slot), "
+                    "written through the proxies")
+    disk.add_argument("--datastore", help="with --to-vm: the datastore of the new disk (default: the VM's first "
+                      "disk's)")
     disk.add_argument("--force", action="store_true", help="replace --to if it is a file, overwrite it if a device")
     disk.add_argument("--json", action="store_true", help="print the result as JSON")
     disk.set_defaults(func=do_restore_disk)
@@ -203,21 +208,14 @@ def print_dry_run(data: dict[str, Any]) -> None:
     out.print("dry run: nothing was changed (--json prints each ConfigSpec)", soft_wrap=True)
 
 
-def do_restore_vm(args: argparse.Namespace) -> int:
-    config = read_config(args.config)
-    repo = open_repository(config)
-    options = options_of(args)
-    try:
-        points = select_points(repo, args)
-    except RepositoryError as e:
-        raise repository_failure(e) from None
+def _run(config: Any, repo: Repository, args: argparse.Namespace, make: Any) -> int:
+    """Run the restore job `make(found, catalog, control)` builds; print its report; its exit code."""
     control = JobControl()
     with stop_on_signals(control), vcenter(config) as found:
         catalog = open_catalog(config)
-        run = RestoreRun(config, found.backend, repo, catalog, points, options, inventory=found.inventory,
-                         control=control)
+        run = make(found, catalog, control)
         try:
-            if args.dry_run:
+            if getattr(args, "dry_run", False):
                 data = run.dry_run().to_json()
                 emit_json(data) if args.json else print_dry_run(data)
                 return EXIT_OK
@@ -235,8 +233,20 @@ def do_restore_vm(args: argparse.Namespace) -> int:
         print_restore(report, names)
     request = control.request
     if report.status == "interrupted" and request is not None and request.signal is not None:
-        return 128 + request.signal
+        return 128 + request.signal  # 130 after SIGINT, 143 after SIGTERM
     return report.exit_code
+
+
+def do_restore_vm(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    repo = open_repository(config)
+    options = options_of(args)
+    try:
+        points = select_points(repo, args)
+    except RepositoryError as e:
+        raise repository_failure(e) from None
+    return _run(config, repo, args, lambda found, catalog, control: RestoreRun.vms(
+        config, found.backend, repo, catalog, points, options, inventory=found.inventory, control=control))
 
 
 # -- restore disk --to --------------------------------------------------------------------------------------------
@@ -305,9 +315,23 @@ def choose_point(repo: Repository, vm: str, point: str | None) -> Manifest:
     return manifest
 
 
+def _disk_to_vm(args: argparse.Namespace, config: Any, repo: Repository) -> int:
+    try:
+        point = choose_point(repo, args.vm, args.point)
+    except RepositoryError as e:
+        raise repository_failure(e) from None
+    return _run(config, repo, args, lambda found, catalog, control: RestoreRun.disk(
+        config, found.backend, repo, catalog, point, args.disk, args.to_vm, args.datastore,
+        inventory=found.inventory, control=control))
+
+
 def do_restore_disk(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     repo = open_repository(config)
+    if args.to_vm is not None:
+        return _disk_to_vm(args, config, repo)
+    if args.datastore is not None:
+        raise CommandError("--datastore: only with --to-vm", EXIT_BAD_INPUT)
     target = check_target(args.to, args.force)
     try:
         manifest = choose_point(repo, args.vm, args.point)

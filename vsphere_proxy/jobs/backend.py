@@ -21,7 +21,7 @@ from vsphere_proxy.transports import DiskSource
 if TYPE_CHECKING:
     from vsphere_proxy.transports.write import WriteTransport
 
-    from vsphere_proxy.jobs.restore_plan import VmRestorePlan
+    from vsphere_proxy.jobs.restore_plan import RestorePlan, VmRestorePlan
 
 __all__ = ["CreatedVm", "Restorer", "Swept", "VCenterBackend"]
 
@@ -46,6 +46,7 @@ class CreatedVm:
     name: str
     disks: Mapping[int, DiskSource]  # point disk index -> the new VM's disk to write
     directories: tuple[str, ...] = ()  # "[datastore] dir" made for disks beside the VM's home
+    attached: tuple[int, ...] = ()  # a disk restore: the device keys of the disks added to an existing VM
 
 
 class Restorer(Protocol):
@@ -58,19 +59,21 @@ class Restorer(Protocol):
     def config_spec(self, plan: VmRestorePlan) -> dict[str, Any]:
         """The ConfigSpec the new VM is created with, as JSON (what `--dry-run` prints)."""
 
-    def create(self, plan: VmRestorePlan) -> CreatedVm:
-        """Create the VM with empty disks on their target datastores; on failure nothing is left."""
+    def create(self, plan: RestorePlan) -> CreatedVm:
+        """Create the VM with empty disks on their target datastores (a disk restore: add the empty disk to the
+        existing VM on a free controller slot); on failure nothing is left."""
 
     def writer(self, created: CreatedVm, mode: str, proxy: str) -> WriteTransport:
         """The write transport of `mode` through which `proxy` writes the new VM's disks."""
 
-    def complete(self, created: CreatedVm, plan: VmRestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
+    def complete(self, created: CreatedVm, plan: RestorePlan, nvram: bytes | None = None) -> tuple[str, ...]:
         """Once every disk is written: the NVRAM file (`nvram`, from the restore point), tags, custom
         attributes; the original replaced (with `--overwrite`) and the VM renamed to its final name; powered on
         when asked. Notes for the report; raises when the VM cannot be made whole (the caller then removes it)."""
 
     def remove(self, created: CreatedVm) -> tuple[str, ...]:
-        """Delete the created VM and every file it made; what could not be removed (never raises)."""
+        """Delete the created VM and every file it made (a disk restore: the added disks and their files); what
+        could not be removed (never raises)."""
 
 
 class VCenterBackend(Protocol):

@@ -36,7 +36,13 @@ from vsphere_proxy.faults import JobFault
 from vsphere_proxy.jobs.backend import CreatedVm, Restorer, VCenterBackend
 from vsphere_proxy.jobs.errors import BadJob, JobFailed
 from vsphere_proxy.jobs.recorder import AttemptEnds, CatalogRecorder, record_states
-from vsphere_proxy.jobs.restore_plan import RestoreOptions, VmRestorePlan, plan_restores
+from vsphere_proxy.jobs.restore_plan import (
+    RestoreOptions,
+    RestorePlan,
+    VmRestorePlan,
+    plan_disk_restore,
+    plan_restores,
+)
 from vsphere_proxy.jobs.setup import new_job_id, throttles
 from vsphere_proxy.ledger import InMemoryLedger, Ledger
 from vsphere_proxy.model import Inventory
@@ -74,7 +80,7 @@ class RestoreSink:
 class RestoreSession:
     """One attempt at restoring one VM: the VM is created; its disks are written by the attempt's streams."""
 
-    def __init__(self, assignment: Assignment, plan: VmRestorePlan, created: CreatedVm, restorer: Restorer,
+    def __init__(self, assignment: Assignment, plan: RestorePlan, created: CreatedVm, restorer: Restorer,
                  repository: Repository) -> None:
         self.assignment = assignment
         self.plan = plan
@@ -112,14 +118,15 @@ class RestoreSession:
         created = self.created
         if ok:
             try:
-                nvram = self.repository.nvram(self.plan.point.id) if self.plan.point.vm_config else None
+                whole_vm = isinstance(self.plan, VmRestorePlan) and self.plan.point.vm_config is not None
+                nvram = self.repository.nvram(self.plan.point.id) if whole_vm else None
                 notes = self.restorer.complete(created, self.plan, nvram)
             except Exception as e:
                 left = self.restorer.remove(created)
                 gone = "" if left else f"; {created.name} and its files were removed"
                 raise RuntimeError(f"completing {created.name} failed: {e}{gone}") from None
-            result = Finished(self.plan.point.id, written, (f"restored as {self.plan.name} ({created.moref})",
-                                                            *notes))
+            what = "restored as" if isinstance(self.plan, VmRestorePlan) else "restored into"
+            result = Finished(self.plan.point.id, written, (f"{what} {self.plan.name} ({created.moref})", *notes))
         else:
             left = self.restorer.remove(created)
             removed = () if left else (f"{created.name} ({created.moref}) and its files were removed",)
@@ -132,7 +139,7 @@ class RestoreSession:
 class RestorePreparer:
     """Prepares the attempts of one restore job: the VM is created when its first stream starts."""
 
-    def __init__(self, plans: Mapping[str, VmRestorePlan], restorer: Restorer, repository: Repository) -> None:
+    def __init__(self, plans: Mapping[str, RestorePlan], restorer: Restorer, repository: Repository) -> None:
         self.plans = dict(plans)
         self.restorer = restorer
         self.repository = repository
@@ -147,7 +154,7 @@ class RestorePreparer:
 class DryRun:
     """What a restore would do: the plan and the ConfigSpec of every VM, and each VM's best write tier."""
 
-    plans: tuple[VmRestorePlan, ...]
+    plans: tuple[RestorePlan, ...]
     specs: tuple[dict[str, Any], ...]
     tiers: tuple[tuple[str, str | None, tuple[str, ...]], ...]  # (vm, best mode, its proxies in that mode)
 
@@ -158,32 +165,41 @@ class DryRun:
 
 
 class RestoreRun:
-    """One restore job of `points` (each VM's restore point) placed as `options` say.
-
-    `ledger`: the ledger shared with the other jobs of this host (default: one of this process only).
+    """One restore job: `plan(inventory)` says what to restore where (`vms` and `disk` make it from what the
+    admin asked). `ledger`: the ledger shared with the other jobs of this host (default: this process's only).
     """
 
     def __init__(self, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog,
-                 points: Sequence[Manifest], options: RestoreOptions, *, inventory: Inventory | None = None,
-                 ledger: Ledger | None = None, control: JobControl | None = None,
-                 say: Callable[[str], None] | None = None) -> None:
+                 plan: Callable[[Inventory], Sequence[RestorePlan]], *, inventory: Inventory | None = None,
+                 ledger: Ledger | None = None, control: JobControl | None = None) -> None:
         self.config = config
         self.backend = backend
         self.repository = repository
         self.catalog = catalog
-        self.points = list(points)
-        self.options = options
+        self.plan = plan
         self.inventory = inventory
         self.ledger = ledger
         self.control = control or JobControl()
-        self.say = say or (lambda _: None)
         self.job_id = new_job_id(RESTORE_JOB)
-        self.plans: list[VmRestorePlan] = []  # once prepared
+        self.plans: list[RestorePlan] = []  # once prepared
 
-    def prepare(self) -> tuple[list[VmRestorePlan], Job, Restorer]:
+    @classmethod
+    def vms(cls, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog,
+            points: Sequence[Manifest], options: RestoreOptions, **kwargs: Any) -> RestoreRun:
+        """Each point's VM recreated as `options` say."""
+        return cls(config, backend, repository, catalog, lambda inv: plan_restores(points, options, inv), **kwargs)
+
+    @classmethod
+    def disk(cls, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog,
+             point: Manifest, index: int, to_vm: str, datastore: str | None, **kwargs: Any) -> RestoreRun:
+        """Disk `index` of `point` added to the existing VM `to_vm`."""
+        return cls(config, backend, repository, catalog,
+                   lambda inv: [plan_disk_restore(point, index, to_vm, datastore, inv)], **kwargs)
+
+    def prepare(self) -> tuple[list[RestorePlan], Job, Restorer]:
         """Plan every VM and check it against vCenter; nothing is created. `BadJob` on bad input."""
         inventory = self.inventory or self.backend.discover()
-        plans = self.plans = plan_restores(self.points, self.options, inventory)
+        plans = self.plans = list(self.plan(inventory))
         try:
             proxies = resolve_proxies(self.config.job_proxies(), inventory)
         except ConfigError as e:
@@ -234,7 +250,7 @@ class RestoreRun:
                 with contextlib.suppress(Exception):
                     catalog.end_lease(job_id)
 
-    def _leased(self, plans: list[VmRestorePlan], job: Job, restorer: Restorer, holder: str,
+    def _leased(self, plans: list[RestorePlan], job: Job, restorer: Restorer, holder: str,
                 observer: JobObserver) -> BackupReport:
         config, catalog, job_id = self.config, self.catalog, self.job_id
         policy = config.job.policy

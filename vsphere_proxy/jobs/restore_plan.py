@@ -309,3 +309,73 @@ def plan_restores(points: Sequence[Manifest], options: RestoreOptions, inventory
         raise BadJob(f"--vm: {dup!r} is asked for twice")
     planner = _Planner(options, inventory, now or datetime.now(UTC))
     return [planner.plan(p, len(points) == 1) for p in points]
+
+
+@dataclass(frozen=True)
+class DiskRestorePlan:
+    """One disk of a restore point, restored as a new disk of an existing VM (`restore disk --to-vm`)."""
+
+    point: Manifest
+    disk: DiskPlan
+    target: VM  # the VM that gets the disk
+
+    @property
+    def source(self) -> str:
+        return self.point.vm.name
+
+    @property
+    def create_as(self) -> str:
+        """The unit the coordinator schedules: the target VM and which disk it receives."""
+        return f"{self.target.name} <- {self.point.vm.name} disk {self.disk.index}"
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    def work_vm(self) -> WorkVM:
+        d = self.disk
+        return WorkVM(self.create_as, (WorkDisk(d.index, d.capacity, d.datastore),))
+
+    def placed_vm(self) -> VM:
+        d = self.disk
+        disk = Disk(d.key, d.label, f"[{d.datastore}] {self.target.name}/new.vmdk", d.datastore, d.capacity, "", "")
+        return VM("", self.create_as, host=self.target.host, cluster=self.target.cluster, disks=(disk,))
+
+    def to_json(self) -> dict[str, object]:
+        d = self.disk
+        return {"vm": self.source, "point": self.point.id, "disk": d.index, "to_vm": self.target.name,
+                "to_vm_moref": self.target.moref, "datastore": d.datastore, "capacity": d.capacity,
+                "provisioning": d.provisioning, "needs": d.needs}
+
+
+def plan_disk_restore(point: Manifest, index: int, to_vm: str, datastore: str | None,
+                      inventory: Inventory) -> DiskRestorePlan:
+    """Disk `index` of `point` as a new disk of the VM `to_vm`, on `datastore` (default: where that VM's first
+    disk is, else the datastore the disk was on). `BadJob` on bad input, before anything changes."""
+    indexes = [d.index for d in point.disks]
+    if index not in indexes:
+        raise BadJob(f"--disk: restore point {point.id} has disks {indexes}, not {index}")
+    target = inventory.vm_by_name.get(to_vm)
+    if target is None:
+        raise BadJob(f"--to-vm: no VM named {to_vm!r} in datacenter {inventory.datacenter}")
+    if target.template:
+        raise BadJob(f"--to-vm: {to_vm} is a template")
+    record = point.disk(index)
+    layout = next((d for d in point.vm_config.disks if d.index == index), None) if point.vm_config else None
+    source = layout.datastore if layout else ""
+    ds = datastore or (target.disks[0].datastore if target.disks else source)
+    if not ds or ds not in inventory.datastore_by_name:
+        raise BadJob(f"--datastore: no datastore {ds!r} in datacenter {inventory.datacenter}")
+    host = inventory.host_by_name.get(target.host)
+    if host is not None and ds not in host.datastores:
+        raise BadJob(f"--datastore: {ds} is not mounted on {to_vm}'s host {host.name}")
+    plan = DiskPlan(index, layout.key if layout else 2000 + index, record.label, record.capacity, source or ds, ds,
+                    layout.provisioning if layout else "thin", allocated_bytes(point, index))
+    free = inventory.datastore_by_name[ds].free_bytes
+    if plan.needs > free:
+        raise BadJob(f"--datastore: {ds} has {human_size(free)} free; disk {index} of {point.id} needs "
+                     f"{human_size(plan.needs)}")
+    return DiskRestorePlan(point, plan, target)
+
+
+RestorePlan = VmRestorePlan | DiskRestorePlan
