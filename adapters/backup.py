@@ -1,7 +1,8 @@
 """The vCenter side of a backup attempt: snapshot the VM, read its disks' changes, build the assigned transport.
 
 `VSphereSnapshotter` implements `vsphere_proxy.engine.attempt.Snapshotter`; each snapshot it makes is a
-`VSphereVmSnapshot` whose `release()` removes it. Transports by mode: `san`/`direct-nfs` read the flat extent
+`VSphereVmSnapshot` whose `release()` removes it and whose `saved()` reads what recreating the VM needs
+(`adapters.vm_config`, once per snapshot). Transports by mode: `san`/`direct-nfs` read the flat extent
 through the proxy's datastore -> path map, `hotadd` attaches the disk to the proxy VM, `nbd` streams it from the
 datastore HTTP endpoint with the session cookie.
 """
@@ -20,8 +21,9 @@ from adapters.nbd import NbdTransport
 from adapters.retry import DEFAULT_RETRY, RetryPolicy
 from adapters.session import Session
 from adapters.snapshots import Snapshot, create_snapshot, remove_snapshot
+from adapters.vm_config import saved_vm
 from vsphere_proxy.coordinator import Assignment
-from vsphere_proxy.engine.attempt import ChangesUnavailable, SnapshotDiskInfo
+from vsphere_proxy.engine.attempt import ChangesUnavailable, SavedVm, SnapshotDiskInfo
 from vsphere_proxy.model import VM
 from vsphere_proxy.transports import Transport, TransportError
 from vsphere_proxy.transports.file import FileTransport
@@ -38,15 +40,27 @@ class ProxyAccess:
 
 
 class VSphereVmSnapshot:
-    def __init__(self, snapshotter: VSphereSnapshotter, snapshot: Snapshot, proxy: ProxyAccess) -> None:
+    def __init__(self, snapshotter: VSphereSnapshotter, snapshot: Snapshot, proxy: ProxyAccess, vm: VM) -> None:
         self._owner = snapshotter
         self.snapshot = snapshot
+        self.vm = vm
         self.name = snapshot.name
         self.proxy = proxy
         self.disks = tuple(SnapshotDiskInfo(d.index, d.key, d.label, d.capacity_bytes, d.file, d.datastore,
                                             d.change_id) for d in snapshot.disks)
         self._released = False
+        self._saved: SavedVm | None = None
+        self._saving = threading.Lock()
         self._lock = threading.Lock()
+
+    def saved(self) -> SavedVm:
+        """The VM's configuration at the snapshot and its NVRAM file, read once; never raises."""
+        with self._saving:
+            if self._saved is None:
+                o = self._owner
+                self._saved = saved_vm(o.session, self.snapshot.vm_moref, self.snapshot.moref, self.vm, o.datacenter,
+                                       retry=o.retry)
+            return self._saved
 
     def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
         o = self._owner
@@ -98,4 +112,4 @@ class VSphereSnapshotter:
         proxy = self.proxies.get(assignment.proxy) or ProxyAccess(assignment.proxy)
         quiesce = self.quiesce and vm.power_state == "poweredOn"
         snap = create_snapshot(self.session, vm.moref, self.job_id, quiesce=quiesce, retry=self.retry)
-        return VSphereVmSnapshot(self, snap, proxy)
+        return VSphereVmSnapshot(self, snap, proxy, vm)

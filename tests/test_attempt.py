@@ -1,5 +1,6 @@
 """A VM attempt into the repository without vCenter: incremental reads from changed areas, the reasons for a full
-read, restore points that restore bit for bit, and a snapshot released whatever happens."""
+read, restore points that restore bit for bit and save what recreating the VM needs, and a snapshot released
+whatever happens."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from vsphere_proxy.engine.attempt import (
     ChangesUnavailable,
     RepositoryPreparer,
     RepositorySession,
+    SavedVm,
     SnapshotDiskInfo,
     changed_blocks,
 )
 from vsphere_proxy.model import VM, Disk
-from vsphere_proxy.repository import Repository
+from vsphere_proxy.repository import NvramRecord, Repository, VmConfig
 from vsphere_proxy.tiers import Tier
 from vsphere_proxy.transports import BLOCK, read_blocks
 from vsphere_proxy.transports.file import FileTransport
@@ -40,11 +42,18 @@ def test_changed_blocks_are_every_block_an_area_touches() -> None:
 class LocalSnapshot:
     """A snapshot of flat files on local disk, with changed areas given by the test (no vCenter here)."""
 
-    def __init__(self, root: Path, disks: tuple[SnapshotDiskInfo, ...], areas: Any) -> None:
+    def __init__(self, root: Path, disks: tuple[SnapshotDiskInfo, ...], areas: Any,
+                 saved: SavedVm | Exception | None = None) -> None:
         self.name = "local"
         self.root, self.disks, self.areas = root, disks, areas
+        self._saved = saved or SavedVm(VmConfig(config_info={"_vimtype": "vim.vm.ConfigInfo"}, cpus=2))
         self.released = 0
         self.asked: list[tuple[int, str]] = []
+
+    def saved(self) -> SavedVm:
+        if isinstance(self._saved, Exception):
+            raise self._saved
+        return self._saved
 
     def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
         self.asked.append((disk.index, since))
@@ -60,14 +69,16 @@ class LocalSnapshot:
 
 
 class LocalSnapshotter:
-    def __init__(self, root: Path, sizes: list[int], change_ids: list[str], areas: Any = ()) -> None:
+    def __init__(self, root: Path, sizes: list[int], change_ids: list[str], areas: Any = (),
+                 saved: SavedVm | Exception | None = None) -> None:
         self.root, self.sizes, self.change_ids, self.areas = root, sizes, change_ids, areas
+        self.saved = saved
         self.made: list[LocalSnapshot] = []
 
     def snapshot(self, a: Assignment) -> LocalSnapshot:
         disks = tuple(SnapshotDiskInfo(i, 2000 + i, f"Hard disk {i + 1}", size, f"[ds] vm/vm_{i}.vmdk", "ds", cid)
                       for i, (size, cid) in enumerate(zip(self.sizes, self.change_ids, strict=True)))
-        snap = LocalSnapshot(self.root, disks, self.areas)
+        snap = LocalSnapshot(self.root, disks, self.areas, self.saved)
         self.made.append(snap)
         return snap
 
@@ -173,3 +184,32 @@ def test_an_incremental_over_a_quarantined_chunk_reads_the_disk_in_full_and_heal
     assert report.ok, report
     assert repo.restore(first.point_id, 0, tmp_path / "r1").sha256 == hashlib.sha256(data[0]).hexdigest()
     assert repo.restore(second.point_id, 0, tmp_path / "r2").sha256 == hashlib.sha256(data[0]).hexdigest()
+
+
+def test_the_point_saves_what_the_snapshot_read_to_recreate_the_vm(tmp_path: Path) -> None:
+    sizes = [BLOCK]
+    _write(tmp_path, sizes)
+    repo = Repository.init(tmp_path / "repo")
+    config = VmConfig(config_info={"_vimtype": "vim.vm.ConfigInfo", "name": "vm"}, cpus=2, memory_mb=1024,
+                      nvram=NvramRecord(chunk=hashlib.sha256(b"efi vars").hexdigest(), size=8,
+                                        file="[ds] vm/vm.nvram"))
+    snapshotter = LocalSnapshotter(tmp_path, sizes, [""], saved=SavedVm(config, b"efi vars"))
+    result = _run(RepositoryPreparer(snapshotter, repo, "j1", {"vm": _vm(sizes)}).prepare(_assignment()), 1)
+    point = repo.manifest(result.point_id)
+    assert point.version == 2 and point.vm_config == config and repo.nvram(point.id) == b"efi vars"
+    assert point.config["cpus"] == 2  # the summary stays
+
+    unread = SavedVm(VmConfig(config_info={}, notes=("nvram not saved: [ds] vm/vm.nvram: HTTP 404",)))
+    result = _run(RepositoryPreparer(LocalSnapshotter(tmp_path, sizes, [""], saved=unread), repo, "j2",
+                                     {"vm": _vm(sizes)}).prepare(_assignment()), 1)
+    point = repo.manifest(result.point_id)
+    assert point.vm_config == unread.config and point.nvram is None and repo.nvram(point.id) is None
+
+
+def test_a_snapshot_that_cannot_say_what_it_saved_is_released(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    snapshotter = LocalSnapshotter(tmp_path, [BLOCK], [""], saved=RuntimeError("bug"))
+    with pytest.raises(RuntimeError, match="bug"):
+        RepositoryPreparer(snapshotter, repo, "j1", {"vm": _vm([BLOCK])}).prepare(_assignment())
+    assert snapshotter.made[0].released == 1 and repo.points() == []
+    repo.lock("exclusive", "check").release()

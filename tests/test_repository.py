@@ -1,4 +1,5 @@
-"""The backup repository (docs/repository.md): round trips, holes, dedup, CBT keeps, verify, prune, crashes, locks."""
+"""The backup repository (docs/repository.md): round trips, holes, dedup, CBT keeps, verify, prune, crashes, locks;
+manifest versions 1 and 2 and the NVRAM chunk."""
 
 from __future__ import annotations
 
@@ -15,13 +16,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from vsphere_proxy.repository import (
     BLOCK_SIZE,
+    DiskLayout,
+    DiskRef,
     Manifest,
+    NicRecord,
+    NvramRecord,
     PointWriter,
     Repository,
     RepositoryError,
+    RepositoryFull,
+    TagRecord,
+    VmConfig,
     VmIdentity,
 )
 
@@ -236,8 +245,9 @@ def test_unknown_versions_are_refused(repo: Repository) -> None:
     point = backup(repo, "v", b"data")
     manifest_path = repo.points_dir / f"{point.id}.json"
     body = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps(body | {"version": 2}))
-    with pytest.raises(RepositoryError, match=r"\.json: unsupported format version 2") as exc:
+    manifest_path.write_text(json.dumps(body | {"version": 3}))
+    with pytest.raises(RepositoryError, match=r"\.json: unsupported format version 3 \(this build reads versions "
+                                              r"1, 2\)") as exc:
         repo.manifest(point.id)
     assert_one_line(exc)
 
@@ -439,3 +449,154 @@ def test_writers_killed_at_random_moments_never_expose_a_broken_point(repo: Repo
         assert seen <= visible
     repo.prune()
     assert {m.id for m in assert_consistent(repo)} >= seen
+
+
+# -- manifest version 2: the VM configuration and the NVRAM chunk ------------------------------------------------
+
+
+def vm_config(nvram_file: str = "[ds-1] db-01/db-01.nvram") -> VmConfig:
+    return VmConfig(
+        config_info={"_vimtype": "vim.vm.ConfigInfo", "name": "db-01", "version": "vmx-19",
+                     "hardware": {"_vimtype": "vim.vm.VirtualHardware", "numCPU": 4, "memoryMB": 8192, "device": []}},
+        hardware_version="vmx-19", firmware="efi", guest_id="rhel9_64Guest", cpus=4, cores_per_socket=2,
+        memory_mb=8192, host="esx-01", cluster="Prod", folder="Production/DB", resource_pool="Prod/Resources",
+        resource_pool_moref="resgroup-14", datastore="ds-1",
+        nics=(NicRecord(key=4000, label="Network adapter 1", device_type="vmxnet3", network="Prod-Net",
+                        network_moref="network-17", network_kind="standard", mac="00:50:56:a1:00:01",
+                        mac_type="assigned"),),
+        disks=(DiskLayout(index=0, key=2000, label="Hard disk 1", controller_key=1000, controller="pvscsi", bus=0,
+                          unit=0, capacity=BLOCK_SIZE, file="[ds-1] db-01/db-01.vmdk", datastore="ds-1",
+                          provisioning="thin"),
+               DiskLayout(index=None, key=2001, label="Hard disk 2", controller_key=1000, controller="pvscsi", bus=0,
+                          unit=1, capacity=1 << 30, file="[ds-1] db-01/db-01_1.vmdk", datastore="ds-1",
+                          provisioning="thick-eager", disk_mode="independent_persistent")),
+        tags=(TagRecord(category="Tier", name="Gold"),), custom_attributes={"Owner": "dba-team"},
+        nvram=NvramRecord(chunk="0" * 64, size=0, file=nvram_file),
+    )
+
+
+def backup_v2(repo: Repository, nvram: bytes, image: bytes, started: datetime = T0) -> Manifest:
+    with repo.begin("job-1", VmIdentity(name="db-01", moref="vm-42"), {"cpus": 4}, started=started,
+                    vm_config=vm_config(), nvram=nvram) as point:
+        write_disk(point, 0, image)
+        return point.commit(ended=started + timedelta(minutes=5))
+
+
+def test_a_version_2_point_round_trips_its_vm_configuration_and_nvram(repo: Repository, tmp_path: Path) -> None:
+    nvram, image = random_bytes(8684, 70), random_bytes(BLOCK_SIZE, 71)
+    point = backup_v2(repo, nvram, image)
+    cfg = point.vm_config
+    assert point.version == 2 and cfg is not None
+    assert cfg.nvram == NvramRecord(chunk=sha256(nvram), size=len(nvram), file="[ds-1] db-01/db-01.nvram")
+    assert point.chunks() == {sha256(nvram), sha256(image)} == chunk_files(repo)
+
+    raw = json.loads((repo.points_dir / f"{point.id}.json").read_text())
+    assert raw["version"] == 2 and raw["vm_config"]["nvram"]["chunk"] == sha256(nvram)
+    assert raw["vm_config"]["nics"][0]["network"] == "Prod-Net" and raw["vm_config"]["disks"][1]["index"] is None
+    assert raw["vm_config"]["config_info"]["hardware"]["numCPU"] == 4
+    assert repo.manifest(point.id) == point
+    assert repo.nvram(point.id) == nvram
+    assert repo.restore(point.id, 0, tmp_path / "d0").sha256 == sha256(image)
+
+    again = backup_v2(repo, nvram, image, started=T0 + timedelta(1))  # the same NVRAM file: deduplicated
+    assert again.vm_config is not None and again.vm_config.nvram == cfg.nvram
+    assert len(chunk_files(repo)) == 2
+    report = repo.verify()
+    assert report.ok and report.chunks == 2 and report.points == 2
+
+
+def test_a_version_1_manifest_written_by_hand_still_reads_restores_and_verifies(repo: Repository,
+                                                                                tmp_path: Path) -> None:
+    block = random_bytes(BLOCK_SIZE, 72)
+    chunk = repo.chunks.put(block).chunk
+    manifest = {
+        "version": 1, "id": "20250301T220000Z-3fa4c2d1", "job_id": "nightly-2025-03-01",
+        "vm": {"name": "db-01", "moref": "vm-42", "uuid": "4210", "instance_uuid": "5010"},
+        "config": {"cpus": 4, "memory_mb": 16384, "guest": "rhel9_64Guest"},
+        "started": "2025-03-01T22:00:00Z", "ended": "2025-03-01T22:07:12Z",
+        "disks": [{"index": 0, "label": "Hard disk 1", "capacity": 2 * BLOCK_SIZE, "block_size": BLOCK_SIZE,
+                   "change_id": None, "blocks": [chunk, None],
+                   "stats": {"bytes_in": 2 * BLOCK_SIZE, "new_chunks": 1, "new_bytes_stored": 1211,
+                             "dedup_chunks": 0, "zero_blocks": 1, "kept_blocks": 0}}],
+    }
+    (repo.points_dir / "20250301T220000Z-3fa4c2d1.json").write_text(json.dumps(manifest))
+    point = repo.manifest("20250301T220000Z-3fa4c2d1")
+    assert point.version == 1 and point.vm_config is None and point.nvram is None and point.chunks() == {chunk}
+    assert repo.nvram(point.id) is None
+    assert repo.restore(point.id, 0, tmp_path / "d0").sha256 == sha256(block + bytes(BLOCK_SIZE))
+    assert repo.verify().ok and repo.latest("db-01") == point
+    assert backup(repo, "disks-only", b"x").version == 1  # a point begun without a VM configuration
+
+
+def test_a_manifest_whose_version_and_vm_config_disagree_is_refused(repo: Repository) -> None:
+    point = backup_v2(repo, b"nvram", b"disk")
+    path = repo.points_dir / f"{point.id}.json"
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in body.items() if k != "vm_config"}))
+    with pytest.raises(RepositoryError, match=r"invalid record: a version 2 manifest must hold vm_config$") as exc:
+        repo.manifest(point.id)
+    assert_one_line(exc)
+    assert [b.id for b in repo.broken_points()] == [point.id]
+    path.write_text(json.dumps(body | {"version": 1}))
+    with pytest.raises(RepositoryError, match="a version 1 manifest holds no vm_config"):
+        repo.manifest(point.id)
+    with pytest.raises(ValidationError, match="must hold vm_config"):
+        Manifest(**{k: v for k, v in body.items() if k != "vm_config"})
+    with pytest.raises(RepositoryError, match="needs the VM's configuration") as exc:
+        repo.begin("j", VmIdentity(name="x"), {}, nvram=b"nvram")
+    assert_one_line(exc)
+    with pytest.raises(RepositoryError, match="no NVRAM file was given"):
+        repo.begin("j", VmIdentity(name="x"), {}, vm_config=vm_config())
+    repo.lock("exclusive", "check").release()  # the refused begins hold no lock
+
+
+def test_a_corrupt_nvram_chunk_is_quarantined_named_and_breaks_its_point(repo: Repository) -> None:
+    nvram, image = random_bytes(9000, 73), random_bytes(1000, 74)
+    point, plain = backup_v2(repo, nvram, image), backup(repo, "other", image, started=T0 + timedelta(1))
+    stored = repo.chunks.path(sha256(nvram))
+    raw = bytearray(stored.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    stored.write_bytes(bytes(raw))
+
+    with pytest.raises(RepositoryError, match=rf"^cannot read the NVRAM of restore point {point.id}: chunk "
+                                              rf"{sha256(nvram)} is corrupt: .*; quarantined as chunks/") as exc:
+        repo.nvram(point.id)
+    assert_one_line(exc)
+    assert not repo.chunks.present(sha256(nvram))
+    report = repo.verify()
+    assert not report.ok and report.missing == (sha256(nvram),)
+    assert report.problems[0].used_by == (DiskRef.nvram_of(point.id),) and str(DiskRef.nvram_of("p")) == "p nvram"
+    assert report.nvram == (point.id,) and report.broken == {} and report.damaged == (point.id,)
+    assert plain.id not in report.damaged and f"restore points broken: {point.id}" in report.summary()
+    with pytest.raises(RepositoryError, match=r"is missing \(quarantined as chunks/../[0-9a-f]{64}\.0\.bad\)"):
+        repo.nvram(point.id)
+
+    healed = backup_v2(repo, nvram, image, started=T0 + timedelta(2))  # the same bytes are stored again
+    assert repo.nvram(point.id) == nvram == repo.nvram(healed.id) and repo.verify().ok
+
+
+def test_prune_keeps_a_referenced_nvram_chunk_and_removes_it_with_its_last_point(repo: Repository) -> None:
+    image = random_bytes(1000, 75)
+    first = backup_v2(repo, b"first nvram", image)
+    second = backup_v2(repo, b"second nvram", image, started=T0 + timedelta(1))
+    assert repo.prune().chunks_removed == 0
+    assert chunk_files(repo) == {sha256(b"first nvram"), sha256(b"second nvram"), sha256(image)}
+    result = repo.prune(forget=[first.id])
+    assert result.chunks_removed == 1 and chunk_files(repo) == {sha256(b"second nvram"), sha256(image)}
+    assert repo.nvram(second.id) == b"second nvram"
+
+
+def test_an_nvram_file_that_does_not_fit_ends_the_point_like_a_block(tmp_path: Path) -> None:
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        repo = Repository.init(where / "repo")
+        with pytest.raises(RepositoryFull, match=rf"^repository full: \d+ bytes free on {repo.path}$"):
+            repo.begin("job-1", VmIdentity(name="db-01"), {}, vm_config=vm_config(), nvram=random_bytes(2 << 20, 76))
+        assert list(repo.scratch.iterdir()) == [] and chunk_files(repo) == set()
+        repo.lock("exclusive", "check").release()  # the point's shared lock was released
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)

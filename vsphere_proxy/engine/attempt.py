@@ -3,7 +3,8 @@
 `RepositoryPreparer.prepare(assignment)` snapshots the VM (through a `Snapshotter`, the vCenter side), starts a
 restore point and returns a `RepositorySession`, the engine's `VmSession`: one `DiskSource` and one sink per
 disk, a fresh transport per stream for the assigned mode, and a `finish` that commits (or drops) the point and
-always releases the snapshot.
+always releases the snapshot. The point saves what recreating the VM needs (`VmSnapshot.saved`: its configuration
+and NVRAM file, read at the snapshot), so it is a version-2 restore point (docs/repository.md).
 
 Incremental: with an earlier restore point of the same VM whose disk recorded a CBT changeId, and a changeId on
 the new snapshot's disk, only the blocks inside the areas changed since then are read; every other block keeps
@@ -22,7 +23,15 @@ from typing import Any, Protocol
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.session import Finished
 from vsphere_proxy.model import VM
-from vsphere_proxy.repository import BaseDamaged, DiskWriter, Manifest, PointWriter, Repository, VmIdentity
+from vsphere_proxy.repository import (
+    BaseDamaged,
+    DiskWriter,
+    Manifest,
+    PointWriter,
+    Repository,
+    VmConfig,
+    VmIdentity,
+)
 from vsphere_proxy.transports import BLOCK, DiskSource, Transport
 
 FULL = "full"
@@ -46,11 +55,25 @@ class SnapshotDiskInfo:
     change_id: str = ""  # the CBT changeId at the snapshot, "" when change tracking is off
 
 
+@dataclass(frozen=True)
+class SavedVm:
+    """What a restore point saves to recreate the VM: its configuration and its NVRAM file (None when none was
+    read; `config.notes` says why)."""
+
+    config: VmConfig
+    nvram: bytes | None = None
+
+
 class VmSnapshot(Protocol):
-    """A snapshot taken for one attempt: its disks, their changes, a transport per stream, and its release."""
+    """A snapshot taken for one attempt: its disks, their changes, what recreating the VM needs, a transport per
+    stream, and its release."""
 
     name: str
     disks: tuple[SnapshotDiskInfo, ...]
+
+    def saved(self) -> SavedVm:
+        """What recreating the VM needs, read at the snapshot; never raises: what could not be read is in
+        config.notes."""
 
     def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
         """(offset, length) areas of `disk` changed since changeId `since`; raises ChangesUnavailable."""
@@ -251,7 +274,9 @@ class RepositoryPreparer:
             base = None  # a different VM under the same name: nothing to build on
         snapshot = self.snapshotter.snapshot(assignment)
         try:
-            point = self.repository.begin(self.job_id, identity, config_summary(vm), self.clock())
+            saved = snapshot.saved()
+            point = self.repository.begin(self.job_id, identity, config_summary(vm), self.clock(),
+                                          vm_config=saved.config, nvram=saved.nvram)
         except BaseException:
             snapshot.release()
             raise

@@ -14,11 +14,14 @@ Faults, injected through attributes a test may change between runs (nothing is p
 - `read_fails(vm, offset)`, `hang` / `hang_on`: the transports' faults (see `vsphere_proxy.transports.fake`);
 - `unresponsive`: `discover` raises `vsphere_proxy.faults.Unresponsive`.
 `changed_areas` raises `ChangesUnavailable("fake: no change tracking")` unless `areas` holds the disk's file.
+A snapshot's `saved()` is a `VmConfig` built from the in-memory VM (`fake_vm_config`: a ConfigInfo of the shape
+pyVmomi's encoder writes, with its controllers and thin disks) and a deterministic NVRAM file (`fake_nvram`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import threading
 from collections import Counter
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vsphere_proxy.coordinator import Assignment
-from vsphere_proxy.engine.attempt import ChangesUnavailable, SnapshotDiskInfo
+from vsphere_proxy.engine.attempt import ChangesUnavailable, SavedVm, SnapshotDiskInfo
 from vsphere_proxy.faults import Unresponsive
 from vsphere_proxy.jobs.backend import Swept
 from vsphere_proxy.model import (
@@ -45,10 +48,11 @@ from vsphere_proxy.model import (
     Proxy,
     ProxyKind,
 )
+from vsphere_proxy.repository import DiskLayout, NvramRecord, TagRecord, VmConfig
 from vsphere_proxy.transports import BLOCK
 from vsphere_proxy.transports.fake import FakeTransport, ReadLog, Rule
 
-__all__ = ["PREFIX", "FakeBackend", "FakeVCenterError", "SnapshotRecord", "disk_image"]
+__all__ = ["PREFIX", "FakeBackend", "FakeVCenterError", "SnapshotRecord", "disk_image", "fake_nvram", "fake_vm_config"]
 
 PREFIX = "vsphere-proxy-"  # the name prefix of the snapshots vsphere-proxy makes (as in `adapters.snapshots`)
 
@@ -86,14 +90,90 @@ def disk_image(seed: str, capacity: int) -> bytes:
     return (noise + pattern * repeats)[:length]
 
 
+# controller name (as `Disk.controller` says it) -> (its vmodl type, the device key of its bus 0)
+_CONTROLLERS = {
+    "pvscsi": ("vim.vm.device.ParaVirtualSCSIController", 1000),
+    "lsilogic": ("vim.vm.device.VirtualLsiLogicController", 1000),
+    "lsilogic-sas": ("vim.vm.device.VirtualLsiLogicSASController", 1000),
+    "buslogic": ("vim.vm.device.VirtualBusLogicController", 1000),
+    "nvme": ("vim.vm.device.VirtualNVMEController", 31000),
+    "sata": ("vim.vm.device.VirtualAHCIController", 15000),
+    "ide": ("vim.vm.device.VirtualIDEController", 200),
+}
+
+
+def fake_nvram(vm: VM) -> bytes:
+    """A deterministic 8 KiB NVRAM file for `vm`."""
+    return random.Random(f"nvram/{vm.name}").randbytes(8192)
+
+
+def fake_vm_config(vm: VM, datastores: Mapping[str, str] | None = None) -> VmConfig:
+    """What a snapshot of `vm` on the fake vCenter saves: a ConfigInfo as pyVmomi's VmomiJSONEncoder would write
+    it (controllers and thin flat disks as the VM's disks say; `datastores`: name -> moref), the disk layout, the
+    VM's place and tags. The NVRAM record names `fake_nvram(vm)`."""
+    datastores = datastores or {}
+    home = vm.datastores[0] if vm.datastores else ""
+    backed_up = {d.key: i for i, d in enumerate(vm.backup_disks)}
+    controllers: dict[tuple[str, int], int] = {}
+    layout, disks = [], []
+    for d in vm.disks:
+        kind = d.controller if d.controller in _CONTROLLERS else "pvscsi"
+        slot = d.unit.rsplit(":", 1)
+        bus = int("".join(c for c in slot[0] if c.isdigit()) or 0)
+        unit = int(slot[1]) if len(slot) == 2 and slot[1].isdigit() else 0
+        ckey = controllers.setdefault((kind, bus), _CONTROLLERS[kind][1] + bus)
+        backing = {"_vimtype": "vim.vm.device.VirtualDisk.FlatVer2BackingInfo", "fileName": d.file,
+                   "datastore": f"vim.Datastore:{datastores[d.datastore]}" if d.datastore in datastores else None,
+                   "diskMode": "persistent", "thinProvisioned": True, "eagerlyScrub": None, "sharing": "sharingNone"}
+        disks.append({"_vimtype": "vim.vm.device.VirtualDisk", "key": d.key, "controllerKey": ckey,
+                      "unitNumber": unit, "capacityInKB": d.capacity_bytes // 1024,
+                      "capacityInBytes": d.capacity_bytes, "backing": backing,
+                      "deviceInfo": {"_vimtype": "vim.Description", "label": d.label, "summary": d.label}})
+        layout.append(DiskLayout(index=backed_up.get(d.key), key=d.key, label=d.label, controller_key=ckey,
+                                 controller=kind, bus=bus, unit=unit, capacity=d.capacity_bytes, file=d.file,
+                                 datastore=d.datastore, provisioning="thin", sharing="sharingNone"))
+    devices = [{"_vimtype": _CONTROLLERS[kind][0], "key": key, "busNumber": bus,
+                "device": [d["key"] for d in disks if d["controllerKey"] == key],
+                "deviceInfo": {"_vimtype": "vim.Description", "label": f"{kind} {bus}", "summary": kind},
+                **({"sharedBus": "noSharing"} if kind not in ("nvme", "sata", "ide") else {})}
+               for (kind, bus), key in sorted(controllers.items(), key=lambda kv: kv[1])]
+    vmx = f"[{home}] {vm.name}/{vm.name}.vmx" if home else ""
+    info = {
+        "_vimtype": "vim.vm.ConfigInfo", "name": vm.name, "guestFullName": "Other (64-bit)", "guestId": "otherGuest64",
+        "version": "vmx-19", "uuid": vm.uuid, "instanceUuid": vm.instance_uuid, "template": vm.template,
+        "firmware": "bios",
+        "files": {"_vimtype": "vim.vm.FileInfo", "vmPathName": vmx, "snapshotDirectory": vmx.rsplit("/", 1)[0],
+                  "suspendDirectory": vmx.rsplit("/", 1)[0], "logDirectory": vmx.rsplit("/", 1)[0]},
+        "hardware": {"_vimtype": "vim.vm.VirtualHardware", "numCPU": vm.cpus, "numCoresPerSocket": 1,
+                     "memoryMB": vm.memory_mb, "device": devices + disks},
+        "extraConfig": [],
+    }
+    nvram = fake_nvram(vm)
+    return VmConfig(
+        config_info=info, hardware_version="vmx-19", firmware="bios", guest_id="otherGuest64", cpus=vm.cpus,
+        cores_per_socket=1, memory_mb=vm.memory_mb, host=vm.host, cluster=vm.cluster, folder=vm.folder,
+        resource_pool=f"{vm.cluster or vm.host}/Resources", datastore=home, disks=tuple(layout),
+        tags=tuple(TagRecord(category=t.category, name=t.name) for t in vm.tags),
+        nvram=NvramRecord(chunk=hashlib.sha256(nvram).hexdigest(), size=len(nvram),
+                          file=f"[{home}] {vm.name}/{vm.name}.nvram") if home else None,
+        notes=() if home else ("nvram not saved: the VM has no home datastore",),
+    )
+
+
 class FakeVmSnapshot:
     """One snapshot of the fake vCenter as an attempt uses it (`VmSnapshot`)."""
 
-    def __init__(self, backend: FakeBackend, record: SnapshotRecord, disks: tuple[SnapshotDiskInfo, ...]) -> None:
+    def __init__(self, backend: FakeBackend, record: SnapshotRecord, disks: tuple[SnapshotDiskInfo, ...],
+                 vm: VM) -> None:
         self.backend = backend
         self.record = record
         self.name = record.name
         self.disks = disks
+        self.vm = vm
+
+    def saved(self) -> SavedVm:
+        config = fake_vm_config(self.vm, {d.name: d.moref for d in self.backend.inventory.datastores})
+        return SavedVm(config, fake_nvram(self.vm) if config.nvram is not None else None)
 
     def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
         areas = (self.backend.areas or {}).get(disk.file)
@@ -124,7 +204,7 @@ class FakeSnapshotter:
         change_id = f"fake-change-{record.name}" if vm.cbt else ""
         disks = tuple(SnapshotDiskInfo(i, d.key, d.label, d.capacity_bytes, d.file, d.datastore, change_id)
                       for i, d in enumerate(vm.backup_disks))
-        return FakeVmSnapshot(self.backend, record, disks)
+        return FakeVmSnapshot(self.backend, record, disks, vm)
 
 
 class FakeBackend:

@@ -5,11 +5,12 @@ The format is specified in `docs/repository.md`; this package implements it on a
 vSphere I/O. Typical use::
 
     repo = Repository.open(path)
-    with repo.begin(job_id, VmIdentity.of(vm), {"cpus": vm.cpus}) as point:
+    with repo.begin(job_id, VmIdentity.of(vm), {"cpus": vm.cpus}, vm_config=config, nvram=nvram) as point:
         disk = point.disk(0, "Hard disk 1", capacity, base=repo.latest(vm.name), change_id=change_id)
         disk.write(offset, block)          # or disk.keep(block_index) for an area CBT reports unchanged
         manifest = point.commit()
     repo.restore(manifest.id, 0, Path("disk0.img"))
+    repo.nvram(manifest.id)                # the NVRAM file a version-2 point saved, or None
 """
 
 from .check import ChunkProblem, DiskRef, PruneResult, QuarantinedChunk, VerifyReport
@@ -17,12 +18,17 @@ from .format import (
     BLOCK_SIZE,
     BaseDamaged,
     BrokenPoint,
+    DiskLayout,
     DiskRecord,
     DiskStats,
     Manifest,
+    NicRecord,
+    NvramRecord,
     RepositoryError,
     RepositoryFull,
     RepositoryLocked,
+    TagRecord,
+    VmConfig,
     VmIdentity,
 )
 from .repo import Repository, RestoreResult
@@ -33,11 +39,14 @@ __all__ = [
     "BaseDamaged",
     "BrokenPoint",
     "ChunkProblem",
+    "DiskLayout",
     "DiskRecord",
     "DiskRef",
     "DiskStats",
     "DiskWriter",
     "Manifest",
+    "NicRecord",
+    "NvramRecord",
     "PointWriter",
     "PruneResult",
     "QuarantinedChunk",
@@ -46,6 +55,8 @@ __all__ = [
     "RepositoryFull",
     "RepositoryLocked",
     "RestoreResult",
+    "TagRecord",
     "VerifyReport",
+    "VmConfig",
     "VmIdentity",
 ]

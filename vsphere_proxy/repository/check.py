@@ -24,18 +24,24 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True, order=True)
 class DiskRef:
-    """One disk of one restore point."""
+    """One disk of one restore point or, with `nvram` (and `disk` -1), the point's saved NVRAM file."""
 
     point: str
     disk: int
+    nvram: bool = False
+
+    @classmethod
+    def nvram_of(cls, point: str) -> DiskRef:
+        return cls(point, -1, nvram=True)
 
     def __str__(self) -> str:
-        return f"{self.point} disk {self.disk}"
+        return f"{self.point} nvram" if self.nvram else f"{self.point} disk {self.disk}"
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkProblem:
-    """A referenced chunk that is missing or corrupt, and every disk of every restore point it breaks.
+    """A referenced chunk that is missing or corrupt, and every disk (or NVRAM file) of every restore point it
+    breaks.
 
     A corrupt chunk is quarantined by the verify that finds it (`quarantined`: where, relative to the repository;
     "" if it could not be moved); from then on it is missing until a backup writes the same bytes again."""
@@ -83,14 +89,21 @@ class VerifyReport:
         disks: dict[str, set[int]] = defaultdict(set)
         for problem in self.problems:
             for ref in problem.used_by:
-                disks[ref.point].add(ref.disk)
+                if not ref.nvram:
+                    disks[ref.point].add(ref.disk)
         return {point: tuple(sorted(d)) for point, d in sorted(disks.items())}
 
     @property
+    def nvram(self) -> tuple[str, ...]:
+        """The restore points whose saved NVRAM file is missing or corrupt (their VM cannot be recreated as it was),
+        by id."""
+        return tuple(sorted({r.point for p in self.problems for r in p.used_by if r.nvram}))
+
+    @property
     def damaged(self) -> tuple[str, ...]:
-        """Every restore point that cannot be restored in full: those with missing or corrupt chunks and the
-        broken ones, by id."""
-        return tuple(sorted({*self.broken, *(b.id for b in self.broken_points)}))
+        """Every restore point that cannot be restored in full: those with missing or corrupt chunks (a block or
+        the NVRAM file) and the broken ones, by id."""
+        return tuple(sorted({*self.broken, *self.nvram, *(b.id for b in self.broken_points)}))
 
     def summary(self) -> str:
         checked = f"{self.points} restore points, {self.chunks} chunks"
@@ -98,8 +111,9 @@ class VerifyReport:
             return f"{checked}: no errors"
         parts = []
         if self.problems:
+            hit = sorted({*self.broken, *self.nvram})
             parts.append(f"{len(self.missing)} missing, {len(self.corrupt)} corrupt; "
-                         f"restore points broken: {', '.join(self.broken)}")
+                         f"restore points broken: {', '.join(hit)}")
         if self.broken_points:
             parts.append(f"{len(self.broken_points)} unreadable manifest(s): "
                          f"{', '.join(b.id for b in self.broken_points)}")
@@ -190,13 +204,15 @@ def _remove(path: Path) -> int:
 
 
 def _references(manifests: list[Manifest]) -> dict[str, tuple[int, set[DiskRef]]]:
-    """Chunk id -> (its length, the disks using it)."""
+    """Chunk id -> (its length, the disks and NVRAM files using it)."""
     users: dict[str, tuple[int, set[DiskRef]]] = {}
     for m in manifests:
         for disk in m.disks:
             for block, chunk in enumerate(disk.blocks):
                 if chunk is not None:
                     users.setdefault(chunk, (disk.block_length(block), set()))[1].add(DiskRef(m.id, disk.index))
+        if m.nvram is not None:
+            users.setdefault(m.nvram.chunk, (m.nvram.size, set()))[1].add(DiskRef.nvram_of(m.id))
     return users
 
 

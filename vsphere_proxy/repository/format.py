@@ -1,4 +1,5 @@
-"""The repository's on-disk records, as `docs/repository.md` specifies them: `config`, manifests, disk entries.
+"""The repository's on-disk records, as `docs/repository.md` specifies them: `config`, manifests (versions 1 and
+2), disk entries, and the VM configuration a version-2 manifest holds.
 
 Everything here is plain data plus the one place that reads a JSON record from disk (`read_record`), which checks
 the `version` before anything else so readers abort on a format they do not know.
@@ -10,14 +11,15 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from vsphere_proxy.faults import JobFault
 from vsphere_proxy.model import VM
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of `config`: the layout and chunk format
+MANIFEST_VERSION = 2  # what writers write when they hold the VM's configuration
 BLOCK_SIZE = 4 * 1024 * 1024
 CHUNK_HASH = "sha256"
 COMPRESSION = "zstd"
@@ -55,6 +57,8 @@ class BrokenPoint(NamedTuple):
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    versions: ClassVar[tuple[int, ...]] = ()  # the `version`s a reader of this record knows (records read alone)
 
 
 R = TypeVar("R", bound=_Record)
@@ -111,10 +115,94 @@ class DiskRecord(_Record):
         return block_length(self.capacity, self.block_size, block)
 
 
-class Manifest(_Record):
-    """One restore point: a VM, its configuration summary, and every block of its disks."""
+class TagRecord(_Record):
+    """A vSphere tag of the VM."""
 
-    version: Literal[1] = FORMAT_VERSION
+    category: str
+    name: str
+
+
+class NicRecord(_Record):
+    """One network adapter of the VM and the network it is on; see `docs/repository.md`, "Manifest version 2"."""
+
+    key: int
+    label: str
+    device_type: str  # vmxnet3 | e1000e | e1000 | vmxnet2 | pcnet32 | sriov
+    network: str  # the network's name
+    network_moref: str = ""
+    network_kind: str = ""  # standard | distributed | opaque
+    portgroup_key: str = ""  # distributed port groups only
+    switch_uuid: str = ""  # distributed port groups only
+    mac: str = ""
+    mac_type: str = ""  # assigned | manual | generated
+    start_connected: bool = True
+
+
+class DiskLayout(_Record):
+    """One virtual disk of the VM as its configuration places it, backed up or not."""
+
+    index: int | None = Field(ge=0)  # the DiskRecord index of a backed-up disk, None for a disk not backed up
+    key: int
+    label: str
+    controller_key: int
+    controller: str  # pvscsi | lsilogic | lsilogic-sas | buslogic | nvme | sata | ide
+    bus: int
+    unit: int
+    capacity: int = Field(ge=0)
+    file: str  # "[datastore] vm/vm.vmdk"
+    datastore: str
+    provisioning: str  # thin | thick-lazy | thick-eager
+    disk_mode: str = "persistent"
+    sharing: str = ""
+
+
+class NvramRecord(_Record):
+    """The VM's NVRAM file, stored as one chunk of the chunk store."""
+
+    chunk: ChunkId
+    size: int = Field(ge=0)  # bytes: the chunk's decompressed length
+    file: str  # where it was, "[datastore] vm/vm.nvram"
+
+
+class VmConfig(_Record):
+    """What recreating the VM in vCenter needs, read at the snapshot; see `docs/repository.md`, "Manifest version
+    2". What could not be read is left empty and named in `notes`."""
+
+    config_info: dict[str, Any]  # the snapshot's vim.vm.ConfigInfo as pyVmomi's VmomiJSONEncoder writes it
+    hardware_version: str = ""
+    firmware: str = ""
+    guest_id: str = ""
+    cpus: int = 0
+    cores_per_socket: int = 0
+    memory_mb: int = 0
+    host: str = ""
+    cluster: str | None = None
+    folder: str = ""  # path below the datacenter's VM folder
+    resource_pool: str = ""  # path below the host folder ("Prod/Resources"), or the pool's name
+    resource_pool_moref: str = ""
+    datastore: str = ""  # the VM's home (vmx) datastore
+    nics: tuple[NicRecord, ...] = ()
+    disks: tuple[DiskLayout, ...] = ()
+    tags: tuple[TagRecord, ...] = ()
+    custom_attributes: dict[str, str] = {}
+    nvram: NvramRecord | None = None
+    notes: tuple[str, ...] = ()  # what could not be saved, one line each ("nvram not saved: ...")
+
+    @model_validator(mode="after")
+    def _layout_indexes_unique(self) -> VmConfig:
+        indexes = [d.index for d in self.disks if d.index is not None]
+        if len(indexes) != len(set(indexes)):
+            raise ValueError("disk layout indexes must be unique")
+        return self
+
+
+class Manifest(_Record):
+    """One restore point: a VM, its configuration summary, every block of its disks, and (version 2) what
+    recreating the VM needs."""
+
+    versions: ClassVar[tuple[int, ...]] = (1, 2)
+
+    version: Literal[1, 2] = MANIFEST_VERSION
     id: PointId
     job_id: str
     vm: VmIdentity
@@ -122,6 +210,7 @@ class Manifest(_Record):
     started: AwareDatetime
     ended: AwareDatetime
     disks: tuple[DiskRecord, ...]
+    vm_config: VmConfig | None = None
 
     @model_validator(mode="after")
     def _disks_unique(self) -> Manifest:
@@ -130,19 +219,37 @@ class Manifest(_Record):
             raise ValueError("disk indexes must be unique and sorted")
         return self
 
+    @model_validator(mode="after")
+    def _vm_config_matches_version(self) -> Manifest:
+        if self.version >= 2 and self.vm_config is None:
+            raise ValueError(f"a version {self.version} manifest must hold vm_config")
+        if self.version == 1 and self.vm_config is not None:
+            raise ValueError("a version 1 manifest holds no vm_config")
+        return self
+
     def disk(self, index: int) -> DiskRecord:
         for d in self.disks:
             if d.index == index:
                 return d
         raise RepositoryError(f"restore point {self.id} has no disk {index}")
 
+    @property
+    def nvram(self) -> NvramRecord | None:
+        """The saved NVRAM file, if the point has one."""
+        return self.vm_config.nvram if self.vm_config is not None else None
+
     def chunks(self) -> set[str]:
-        """Every chunk the point references."""
-        return {c for d in self.disks for c in d.blocks if c is not None}
+        """Every chunk the point references: its disks' blocks and its NVRAM chunk."""
+        found = {c for d in self.disks for c in d.blocks if c is not None}
+        if self.nvram is not None:
+            found.add(self.nvram.chunk)
+        return found
 
 
 class RepoConfig(_Record):
     """The repository's `config` file."""
+
+    versions: ClassVar[tuple[int, ...]] = (FORMAT_VERSION,)
 
     version: Literal[1] = FORMAT_VERSION
     id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
@@ -184,14 +291,17 @@ def read_record(path: Path, kind: type[R]) -> R:
     if not isinstance(raw, dict):
         raise RepositoryError(f"{path}: not a JSON object")
     version = raw.get("version")
-    if version != FORMAT_VERSION:
-        raise RepositoryError(f"{path}: unsupported format version {version!r} (this build reads version 1)")
+    if version not in kind.versions or isinstance(version, bool):
+        known = ", ".join(map(str, kind.versions))
+        raise RepositoryError(f"{path}: unsupported format version {version!r} (this build reads "
+                              f"version{'s' if len(kind.versions) > 1 else ''} {known})")
     try:
         return kind.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "record"
-        raise RepositoryError(f"{path}: invalid {where}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise RepositoryError(f"{path}: invalid {where}: {message}") from None
 
 
 def dump_record(record: _Record) -> bytes:

@@ -27,6 +27,7 @@ from .format import (
     Manifest,
     RepoConfig,
     RepositoryError,
+    VmConfig,
     VmIdentity,
     check_point_id,
     dump_record,
@@ -141,17 +142,32 @@ class Repository:
 
     # -- writing --------------------------------------------------------------------------------------------------
 
-    def begin(self, job_id: str, vm: VmIdentity, config: dict[str, Any],
-              started: datetime | None = None) -> PointWriter:
+    def begin(self, job_id: str, vm: VmIdentity, config: dict[str, Any], started: datetime | None = None, *,
+              vm_config: VmConfig | None = None, nvram: bytes | None = None) -> PointWriter:
         """Start a restore point of `vm` (its configuration summary in `config`); holds a shared lock until the
-        point is committed or aborted."""
+        point is committed or aborted.
+
+        With `vm_config` (what recreating the VM needs) the point is a version-2 manifest, and `nvram` (the VM's
+        NVRAM file) is stored at once as a chunk and named in `vm_config.nvram`; without, a version-1 manifest.
+        """
         if started is not None and started.tzinfo is None:
             raise RepositoryError("started must be a timezone-aware datetime")
         config = check_config(config)
+        if nvram is not None and vm_config is None:
+            raise RepositoryError("an NVRAM file needs the VM's configuration (vm_config)")
+        if vm_config is not None and vm_config.nvram is not None and nvram is None:
+            raise RepositoryError("vm_config.nvram names an NVRAM chunk, but no NVRAM file was given to store")
         lock = self.lock("shared", f"backup {vm.name} ({job_id})")
-        return PointWriter(store=self.chunks, points=self.points_dir, scratch=self.scratch, lock=lock,
-                           block_size=self.block_size, job_id=job_id, vm=vm, config=config,
-                           started=started or datetime.now(UTC))
+        point = PointWriter(store=self.chunks, points=self.points_dir, scratch=self.scratch, lock=lock,
+                            block_size=self.block_size, job_id=job_id, vm=vm, config=config,
+                            started=started or datetime.now(UTC), vm_config=vm_config)
+        if nvram is not None:
+            try:
+                point.store_nvram(nvram)
+            except BaseException:
+                point.abort()
+                raise
+        return point
 
     # -- reading --------------------------------------------------------------------------------------------------
 
@@ -214,6 +230,18 @@ class Repository:
         """The VM's most recent readable restore point, or None."""
         points = self.points(vm)
         return points[-1] if points else None
+
+    def nvram(self, point_id: str) -> bytes | None:
+        """The NVRAM file a restore point saved, checked like any chunk (a corrupt one is quarantined and the error
+        names the point); None when the point saved none (a version-1 point, or the file could not be read)."""
+        with self.lock("shared", f"read the NVRAM of {point_id}"):
+            record = self.manifest(point_id).nvram
+            if record is None:
+                return None
+            try:
+                return self.chunks.get(record.chunk, record.size)
+            except RepositoryError as exc:
+                raise RepositoryError(f"cannot read the NVRAM of restore point {point_id}: {exc}") from None
 
     def restore(self, point_id: str, disk_index: int, out: Path | str) -> RestoreResult:
         """Write disk `disk_index` of a restore point to `out`, identical to the source disk; every chunk is

@@ -4,6 +4,10 @@ A writer holds a shared repository lock from `Repository.begin` until `commit` o
 and points of one repository, may be written from many threads at once; the heavy work (hash, compress, write)
 runs outside any lock. A repository that runs out of space ends the point: it is aborted (no manifest, lock
 released) and every later call on it raises the same `RepositoryFull`.
+
+A point begun with the VM's configuration (`vm_config`) is written as a version-2 manifest; its NVRAM file, if
+given, is stored first, as a chunk like any block, and named in `vm_config.nvram`. A point begun without one is
+a version-1 manifest (disks only).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from typing import Any
 from .chunks import ChunkStore
 from .files import fsync_dir, write_atomic
 from .format import (
+    MANIFEST_VERSION,
     BaseDamaged,
     DiskRecord,
     DiskStats,
     Manifest,
+    NvramRecord,
     RepositoryError,
     RepositoryFull,
+    VmConfig,
     VmIdentity,
     block_count,
     block_length,
@@ -131,7 +138,8 @@ class PointWriter:
     """One restore point being written. `commit` publishes it; `abort` (or leaving a `with` block) drops it."""
 
     def __init__(self, *, store: ChunkStore, points: Path, scratch: Path, lock: Lock, block_size: int,
-                 job_id: str, vm: VmIdentity, config: dict[str, Any], started: datetime) -> None:
+                 job_id: str, vm: VmIdentity, config: dict[str, Any], started: datetime,
+                 vm_config: VmConfig | None = None) -> None:
         self._store = store
         self._points = points
         self._scratch = scratch
@@ -141,12 +149,32 @@ class PointWriter:
         self.job_id = job_id
         self.vm = vm
         self.config = config
+        self.vm_config = vm_config
         self.started = started
         self._disks: dict[int, DiskWriter] = {}
         self._dirs: set[Path] = set()
         self._state_lock = threading.Lock()
         self._state = "open"
         self._fault: RepositoryFull | None = None
+
+    def store_nvram(self, data: bytes) -> NvramRecord:
+        """Store the VM's NVRAM file as a chunk (deduplicated like a block) and name it in `vm_config.nvram`, keeping
+        the `file` an earlier record gave. Raises `RepositoryFull` (the point is then dropped) when out of space."""
+        self._check_open()
+        if self.vm_config is None:
+            raise RepositoryError(f"restore point {self.id}: an NVRAM file needs the VM's configuration (vm_config)")
+        try:
+            stored = self._store.put(data)
+        except RepositoryFull as exc:
+            self._fail(exc)
+            raise
+        if stored.new:
+            self._touched(self._store.path(stored.chunk).parent)
+        before = self.vm_config.nvram
+        record = NvramRecord(chunk=stored.chunk, size=len(data), file=before.file if before is not None else "")
+        with self._state_lock:
+            self.vm_config = self.vm_config.model_copy(update={"nvram": record})
+        return record
 
     def disk(self, index: int, label: str, capacity: int, base: Manifest | None = None,
              change_id: str | None = None) -> DiskWriter:
@@ -184,8 +212,9 @@ class PointWriter:
         ended = ended or datetime.now(UTC)
         with self._state_lock:
             disks = tuple(self._disks[i].record() for i in sorted(self._disks))
-            manifest = Manifest(id=self.id, job_id=self.job_id, vm=self.vm, config=self.config,
-                                started=self.started, ended=ended, disks=disks)
+            version = MANIFEST_VERSION if self.vm_config is not None else 1
+            manifest = Manifest(version=version, id=self.id, job_id=self.job_id, vm=self.vm, config=self.config,
+                                started=self.started, ended=ended, disks=disks, vm_config=self.vm_config)
             try:
                 for directory in sorted(self._dirs):
                     fsync_dir(directory)
