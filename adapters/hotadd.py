@@ -23,6 +23,7 @@ from adapters.properties import vm as vm_ref
 from adapters.retry import DEFAULT_RETRY, RetryPolicy
 from adapters.session import Session
 
+WRITE_DISK_MODE = "independent_persistent"  # a restore writes through the attached disk
 HOTADD_DISK_MODE = "independent_nonpersistent"
 SCSI_UNITS = 16  # units 0-15 per SCSI bus; the controller itself sits on one of them (7 by default)
 SCSI_BUSES = 4
@@ -124,14 +125,17 @@ def _directory(datastore_path: str) -> str:
     return posixpath.dirname(path.strip())
 
 
-def left_behind(devices: Sequence[Any], vmx_path: str) -> list[Any]:
-    """Disks attached for a backup and not detached: backing file outside the VM's own folder (on any
-    datastore), in the hot-add disk mode. The VM's own disks — its folder, persistent modes — are never listed.
+def left_behind(devices: Sequence[Any], vmx_path: str, owned: Iterable[str] = ()) -> list[Any]:
+    """Disks attached for a backup or a restore and not detached: backing file outside the VM's own folder (on
+    any datastore), in the hot-add disk mode, or in the write mode with an owner recorded (`owned`: the files
+    the VM's extraConfig names an owning job for). The VM's own disks — its folder, persistent modes without an
+    owner — are never listed.
     """
-    own = _directory(vmx_path)
+    own, recorded = _directory(vmx_path), set(owned)
     return [d for d in _disks(devices)
             if _file(d) and _directory(_file(d)) != own
-            and getattr(d.backing, "diskMode", None) == HOTADD_DISK_MODE]
+            and (getattr(d.backing, "diskMode", None) == HOTADD_DISK_MODE
+                 or (getattr(d.backing, "diskMode", None) == WRITE_DISK_MODE and _file(d) in recorded))]
 
 
 def attach_disk(
@@ -142,8 +146,11 @@ def attach_disk(
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
     job_id: str = "",
+    writable: bool = False,
 ) -> AttachedDisk:
     """Attach the existing disk `disk_file` ("[datastore] vm/vm.vmdk") to the proxy VM; return where it went.
+    Read-only by default (independent non-persistent: nothing the proxy does reaches the file); `writable`
+    attaches it independent persistent, so that a restore's writes land in the disk's file.
 
     The same reconfiguration records `job_id` in the proxy VM's extraConfig (`owner_key`): a sweep by another
     job leaves the disk alone while `job_id` is alive.
@@ -183,7 +190,8 @@ def attach_disk(
         disk = vim.vm.device.VirtualDisk(
             key=-101, controllerKey=slot[0], unitNumber=slot[1],
             capacityInKB=capacity_bytes // 1024, capacityInBytes=capacity_bytes,
-            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=disk_file, diskMode=HOTADD_DISK_MODE),
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=disk_file, diskMode=WRITE_DISK_MODE if writable else HOTADD_DISK_MODE),
         )
         changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=disk))
         extra = [vim.option.OptionValue(key=owner_key(disk_file), value=job_id)] if job_id else []
@@ -235,8 +243,9 @@ def left_behind_disks(session: Session, proxy_vm_morefs: Iterable[str], *, retry
     for moref, p in props.items():
         devices = p.get("config.hardware.device") or []
         jobs = owners(p.get("config.extraConfig") or [])
+        owned = [_file(d) for d in _disks(devices) if owner_key(_file(d)) in jobs]
         out[moref] = [_attached(moref, d, jobs.get(owner_key(_file(d)), ""))
-                      for d in left_behind(devices, str(p.get("config.files.vmPathName") or ""))]
+                      for d in left_behind(devices, str(p.get("config.files.vmPathName") or ""), owned)]
     return out
 
 

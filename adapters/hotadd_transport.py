@@ -1,5 +1,6 @@
 """The `hotadd` transport: attach the snapshot's base disk to the proxy VM, read the device it becomes in the
-proxy's guest, detach it always (DESIGN §5).
+proxy's guest, detach it always (DESIGN §5). `HotAddWriter` is its write side (DESIGN §8): the new VM's empty disk
+attached read-write, written through the device (holes never written), flushed, detached always.
 
 `open(disk)` reconfigures the proxy VM (`adapters.hotadd.attach_disk`, read-only: independent non-persistent),
 then a `GuestDevices` resolver finds the block device the guest sees for that disk; `close()` closes the device
@@ -83,6 +84,8 @@ def _proxy_lock(proxy_vm_moref: str) -> threading.Lock:
 class HotAddTransport:
     mode = "hotadd"
 
+    writable = False
+
     def __init__(self, session: Session, proxy_vm_moref: str, devices: GuestDevices, *,
                  retry: RetryPolicy = DEFAULT_RETRY, job_id: str = "") -> None:
         self._session = session
@@ -95,20 +98,23 @@ class HotAddTransport:
         self._disk: DiskSource | None = None
 
     def open(self, disk: DiskSource) -> None:
-        self.close()
+        self.close(False)
         try:
             with _proxy_lock(self._proxy):
                 self._attached = attach_disk(self._session, self._proxy, disk.file, disk.capacity,
-                                             retry=self._retry, job_id=self._job)
+                                             retry=self._retry, job_id=self._job, writable=self.writable)
         except VSphereError as e:  # unless vCenter refused it, the attach may still be carried out
             left = "" if isinstance(e, TaskError) and e.fault is not None else \
                 f"disk {disk.file} may have been hot-added to {self._proxy}: {e}"
             raise TransportError(f"{disk}: hotadd: {e}", left_behind=left) from None
         self._disk = disk
         try:
-            self._file = LocalDisk(self._devices.path(self._attached, disk), disk, self.mode)
+            self._file = LocalDisk(self._devices.path(self._attached, disk), disk, self.mode,
+                                   writable=self.writable)
+            if self.writable:
+                self._file.size_for_writing()
         except BaseException:
-            self.close()
+            self.close(False)
             raise
 
     def read_block(self, offset: int, length: int) -> bytes:
@@ -116,11 +122,19 @@ class HotAddTransport:
             raise TransportError("hotadd: read before open")
         return self._file.read(offset, length)
 
-    def close(self) -> None:
-        """Close the device, then detach the disk; a failed detach is raised (the sweep would find it later)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def close(self, complete: bool = True) -> None:
+        """Close the device (written: flushed first when `complete`), then detach the disk; a failed flush or
+        detach is raised (the sweep would find a disk left attached later)."""
+        file, self._file = self._file, None
+        try:
+            if file is not None and self.writable and complete:
+                file.sync()
+        finally:
+            if file is not None:
+                file.close()
+            self._detach()
+
+    def _detach(self) -> None:
         attached, self._attached = self._attached, None
         if attached is not None:
             try:
@@ -134,4 +148,19 @@ class HotAddTransport:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(False)
+
+
+class HotAddWriter(HotAddTransport):
+    """The `hotadd` write tier: the new VM's disk attached to the proxy VM read-write, written through the
+    device the guest sees."""
+
+    writable = True
+
+    def read_block(self, offset: int, length: int) -> bytes:
+        raise TransportError("hotadd: a restore's writer does not read")
+
+    def write_block(self, offset: int, data: bytes) -> None:
+        if self._file is None:
+            raise TransportError("hotadd: write before open")
+        self._file.write(offset, data)

@@ -55,6 +55,11 @@ def session_cookie(cookie: str) -> str:
     return cookie.split(";", 1)[0].strip()
 
 
+def folder_url(base_url: str, datacenter: str, datastore: str, path: str) -> str:
+    """The datastore HTTP URL of `path` inside `datastore`: `/folder/<path>?dcPath=<dc>&dsName=<ds>`."""
+    return (f"{base_url.rstrip('/')}/folder/{quote(path)}?dcPath={quote(datacenter)}&dsName={quote(datastore)}")
+
+
 class NbdTransport:
     mode = "nbd"
 
@@ -85,8 +90,7 @@ class NbdTransport:
                    renew=session.renew_cookie, **kwargs)
 
     def url(self, disk: DiskSource) -> str:
-        return (f"{self._base}/folder/{quote(disk.flat)}?dcPath={quote(self._datacenter)}"
-                f"&dsName={quote(disk.datastore)}")
+        return folder_url(self._base, self._datacenter, disk.datastore, disk.flat)
 
     def open(self, disk: DiskSource) -> None:
         self._disk, self._url = disk, self.url(disk)

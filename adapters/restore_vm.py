@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
 
 import requests
 from pyVmomi import vim, vmodl
@@ -24,7 +23,9 @@ from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
 from adapters.backup import ProxyAccess
 from adapters.errors import VSphereError
 from adapters.hotadd import free_slot, new_controller
-from adapters.nbd import session_cookie
+from adapters.hotadd_transport import HotAddWriter
+from adapters.nbd import folder_url, session_cookie
+from adapters.nbd_write import NbdWriter
 from adapters.properties import managed, read_one
 from adapters.restore_spec import build_spec, disk_file, file_base
 from adapters.retry import DEFAULT_RETRY, RetryPolicy
@@ -35,6 +36,7 @@ from vsphere_proxy.jobs.errors import BadJob
 from vsphere_proxy.jobs.restore_plan import DiskRestorePlan, RestorePlan, VmRestorePlan
 from vsphere_proxy.model import Inventory
 from vsphere_proxy.transports import DiskSource, TransportError
+from vsphere_proxy.transports.write import FileWriter, WriteTransport
 
 
 class RestoreFailed(VSphereError):
@@ -152,12 +154,7 @@ class VSphereRestorer:
             raise
         return CreatedVm(ref._moId, plan.create_as, disks, tuple(made))
 
-    def writer(self, created: CreatedVm, mode: str, proxy: str) -> Any:
-        from vsphere_proxy.transports.write import FileWriter
-
-        from adapters.hotadd_write import HotAddWriter
-        from adapters.nbd_write import NbdWriter
-
+    def writer(self, created: CreatedVm, mode: str, proxy: str) -> WriteTransport:
         access = self.proxies.get(proxy) or ProxyAccess(proxy)
         if mode in ("san", "direct-nfs"):
             return FileWriter(mode, access.paths)
@@ -324,7 +321,7 @@ class VSphereRestorer:
 
     def _put(self, datastore: str, path: str, data: bytes) -> None:
         s = self.session
-        url = (f"{s.base_url}/folder/{quote(path)}?dcPath={quote(self.datacenter)}&dsName={quote(datastore)}")
+        url = folder_url(s.base_url, self.datacenter, datastore, path)
         try:
             r = requests.put(url, data=data, headers={"Cookie": session_cookie(s.cookie),
                                                       "Content-Type": "application/octet-stream"},

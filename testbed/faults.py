@@ -13,7 +13,7 @@ from typing import Any
 
 from vsphere_proxy.cli.common import open_catalog, open_repository, read_config, vcenter
 from vsphere_proxy.coordinator import Assignment
-from vsphere_proxy.engine.attempt import SnapshotDiskInfo, Snapshotter, VmSnapshot
+from vsphere_proxy.engine.attempt import SavedVm, SnapshotDiskInfo, Snapshotter, VmSnapshot
 from vsphere_proxy.jobs.backend import CreatedVm, Restorer, Swept, VCenterBackend
 from vsphere_proxy.jobs.backup import BackupRun
 from vsphere_proxy.jobs.restore import RestoreRun
@@ -57,6 +57,9 @@ class _Snapshot:
 
     def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
         return self.inner.changed_areas(disk, since)
+
+    def saved(self) -> SavedVm:
+        return self.inner.saved()
 
     def transport(self, mode: str) -> Transport:
         return FailingTransport(self.inner.transport(mode), self.vm, self.owner.rule, self.owner.failed)

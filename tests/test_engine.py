@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_proxy.coordinator import Assignment, Coordinator, Job, Policy, VmStatus, WorkDisk, WorkVM
+from vsphere_proxy.engine.attempt import RepositorySink
 from vsphere_proxy.engine.embedded import EmbeddedEngine
 from vsphere_proxy.engine.events import AttemptEnd
 from vsphere_proxy.engine.protocol import Observer
@@ -56,9 +57,7 @@ class LocalFilesSession:
         return Transport("san", {ds: self.root / ds for ds in ("ds1", "ds2")})
 
     def sink(self, disk: int) -> Any:
-        writer = self.writers[disk]
-        writer.offsets = lambda: None  # type: ignore[attr-defined]  # every block
-        return writer
+        return RepositorySink(self.writers[disk], None)  # every block
 
     def finish(self, ok: bool) -> Finished:
         self.finished = ok

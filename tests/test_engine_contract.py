@@ -92,6 +92,9 @@ class MemorySink:
     def write(self, offset: int, data: bytes) -> None:
         self.written += len(data)
 
+    def close(self, ok: bool) -> None:
+        pass
+
 
 @dataclass
 class MemorySession:

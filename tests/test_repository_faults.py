@@ -368,7 +368,7 @@ def test_broken_manifests_are_named_and_everything_else_keeps_working(repo: Repo
     renamed = "20250302T000000Z-0badc0de"
     (repo.points_dir / f"{renamed}.json").write_bytes((repo.points_dir / f"{a1.id}.json").read_bytes())
     future = "20250303T000000Z-f0f0f0f0"
-    body = json.loads((repo.points_dir / f"{a2.id}.json").read_text()) | {"version": 2, "id": future}
+    body = json.loads((repo.points_dir / f"{a2.id}.json").read_text()) | {"version": 3, "id": future}
     (repo.points_dir / f"{future}.json").write_text(json.dumps(body))
 
     assert [m.id for m in repo.points()] == [a1.id, a2.id]
@@ -377,7 +377,7 @@ def test_broken_manifests_are_named_and_everything_else_keeps_working(repo: Repo
     assert sorted(broken) == sorted([a3.id, b1.id, renamed, future])
     assert broken[a3.id].startswith("unreadable: ") and broken[b1.id].startswith("unreadable: ")
     assert broken[renamed] == f"holds restore point {a1.id}, not {renamed}"
-    assert broken[future].startswith("unsupported format version 2")
+    assert broken[future].startswith("unsupported format version 3")
     with pytest.raises(RepositoryError, match=rf"^restore point {a3.id} is broken: .*{a3.id}\.json: unreadable: "):
         repo.restore(a3.id, 0, tmp_path / "a3.img")
 

@@ -123,6 +123,9 @@ class RepositorySink:
     def write(self, offset: int, data: bytes) -> None:
         self.writer.write(offset, data)
 
+    def close(self, ok: bool) -> None:
+        """Nothing to do: the restore point is committed (or dropped) when the attempt finishes."""
+
 
 def _keep_unread(writer: DiskWriter, read: Sequence[int], capacity: int) -> None:
     """Keep the base point's entry for every block not in `read`, in runs."""

@@ -12,12 +12,17 @@ from vsphere_proxy.transports import DiskSource, Transport
 
 
 class DiskSink(Protocol):
-    """Where the blocks of one disk go (the repository's disk writer)."""
+    """Where the blocks of one disk go (the repository's disk writer, or a restore's write transport)."""
 
     def offsets(self) -> Sequence[int] | None:
-        """The block offsets to read, ascending (an incremental read); None reads every block."""
+        """The block offsets to read, ascending (an incremental read, or a restore's blocks that are not
+        holes); None reads every block."""
 
     def write(self, offset: int, data: bytes) -> None: ...
+
+    def close(self, ok: bool) -> None:
+        """Called once when the stream's disk is read (`ok`) or its stream failed; a restore's sink closes its
+        write transport (a disk whole only when `ok`)."""
 
 
 @dataclass(frozen=True)

@@ -145,22 +145,30 @@ class StreamRunner:
                 raise _Aborted
             source, sink = at.session.source(a.disk), at.session.sink(a.disk)
             rate, paced_from = self.throttle.get(a.proxy), time.monotonic()
-            with at.session.transport() as transport:
-                transport.open(source)
-                for offset, block in read_blocks(transport, source.capacity, offsets=sink.offsets()):
-                    if at.error or at.ended:
-                        raise _Aborted
-                    sink.write(offset, block)
-                    moved_total += len(block)
-                    with self.lock:
-                        at.bytes_read += len(block)
-                        at.last_progress[a.stream] = self.clock()
-                    if self.on_progress is not None:
-                        self.on_progress(a, offset + len(block))
-                    if rate:
-                        ahead = moved_total / rate - (time.monotonic() - paced_from)
-                        if ahead > 0:
-                            self.sleep(ahead)
+            try:
+                with at.session.transport() as transport:
+                    transport.open(source)
+                    for offset, block in read_blocks(transport, source.capacity, offsets=sink.offsets()):
+                        if at.error or at.ended:
+                            raise _Aborted
+                        sink.write(offset, block)
+                        moved_total += len(block)
+                        with self.lock:
+                            at.bytes_read += len(block)
+                            at.last_progress[a.stream] = self.clock()
+                        if self.on_progress is not None:
+                            self.on_progress(a, offset + len(block))
+                        if rate:
+                            ahead = moved_total / rate - (time.monotonic() - paced_from)
+                            if ahead > 0:
+                                self.sleep(ahead)
+            except BaseException:
+                try:
+                    sink.close(False)  # a restore's writer lets go of the target (a hot-added disk detached)
+                except Exception as e:
+                    self._left(at, e)
+                raise
+            sink.close(not (at.error or at.ended))
             ok = True
         except _Aborted:
             pass

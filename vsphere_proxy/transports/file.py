@@ -8,6 +8,7 @@ flat extent a file in it. Which directory is the proxy's configuration (`paths: 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
@@ -16,14 +17,52 @@ from vsphere_proxy.transports.base import DiskSource, TransportError
 
 
 class LocalDisk:
-    """An open local file or block device holding a disk, read with pread; errors name the disk and the mode."""
+    """An open local file or block device holding a disk, read with pread (or, `writable`, written with pwrite);
+    errors name the disk and the mode."""
 
-    def __init__(self, path: Path, disk: DiskSource, mode: str) -> None:
+    def __init__(self, path: Path, disk: DiskSource, mode: str, *, writable: bool = False) -> None:
         self.path, self.disk, self.mode = path, disk, mode
         try:
-            self._fd: int | None = os.open(path, os.O_RDONLY)
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_NOFOLLOW if writable else os.O_RDONLY)
         except OSError as e:
             raise TransportError(f"{disk}: {mode}: cannot open {path}: {e.strerror}") from None
+
+    def size_for_writing(self) -> None:
+        """Before a disk is written: a regular file is sized to the disk's capacity without writing (what is
+        never written stays a hole); a block device must be at least as large. Anything else is refused."""
+        assert self._fd is not None
+        st = os.fstat(self._fd)
+        try:
+            if stat.S_ISREG(st.st_mode):
+                os.ftruncate(self._fd, self.disk.capacity)
+                return
+            if stat.S_ISBLK(st.st_mode):
+                size = os.lseek(self._fd, 0, os.SEEK_END)
+                if size < self.disk.capacity:
+                    raise TransportError(f"{self.disk}: {self.mode}: {self.path} holds {size} bytes, the disk "
+                                         f"{self.disk.capacity}")
+                return
+        except OSError as e:
+            raise TransportError(f"{self.disk}: {self.mode}: cannot size {self.path}: {e.strerror}") from None
+        raise TransportError(f"{self.disk}: {self.mode}: {self.path} is neither a file nor a block device")
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self._fd is None:
+            raise TransportError(f"{self.mode}: write after close")
+        try:
+            written = os.pwrite(self._fd, data, offset)
+        except OSError as e:
+            raise TransportError(f"{self.disk}: {self.mode}: write at {offset}: {e.strerror}") from None
+        if written != len(data):
+            raise TransportError(f"{self.disk}: {self.mode}: short write at {offset}: {written} of {len(data)}")
+
+    def sync(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise TransportError(f"{self.disk}: {self.mode}: fsync of {self.path}: {e.strerror}") from None
 
     def size(self) -> int:
         """Bytes in a regular file (a block device reports 0)."""

@@ -1,0 +1,81 @@
+"""The write side of the data path, for restores into vCenter: write tiers mirror the read tiers (DESIGN §8).
+
+Every write transport implements `WriteTransport`: `open(disk)` on the new VM's (empty) disk, `write_block`
+for the blocks that hold data, in ascending order (a gap between two offsets is a hole: nothing is written
+there), and `close(complete)`: with `complete` the disk is whole and made durable; without it everything the
+transport holds is released and nothing pretends the disk is whole. `FileWriter` (san, direct-nfs) is here;
+`nbd` and `hotadd` talk to vCenter and live in `adapters/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol, Self
+
+from vsphere_proxy.transports.base import DiskSource, TransportError
+from vsphere_proxy.transports.file import LocalDisk
+
+
+class WriteTransport(Protocol):
+    """Writes one disk at a time. It moves bytes; it neither creates the VM nor reads the repository."""
+
+    mode: str  # san | direct-nfs | hotadd | nbd
+
+    def open(self, disk: DiskSource) -> None: ...
+
+    def write_block(self, offset: int, data: bytes) -> None: ...
+
+    def close(self, complete: bool = True) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class FileWriter:
+    """`san` and `direct-nfs`: the proxy writes the new disk's flat extent itself, through its datastore -> path
+    map (vCenter created the file, empty; it is sized to the disk without writing, so holes stay holes)."""
+
+    def __init__(self, mode: str, paths: Mapping[str, Path]) -> None:
+        if mode not in ("san", "direct-nfs"):
+            raise ValueError(f"mode: must be san or direct-nfs (got {mode!r})")
+        self.mode = mode
+        self._paths = dict(paths)
+        self._file: LocalDisk | None = None
+
+    def open(self, disk: DiskSource) -> None:
+        self.close(False)
+        root = self._paths.get(disk.datastore)
+        if root is None:
+            raise TransportError(f"{disk}: {self.mode}: datastore {disk.datastore} is not mounted on this proxy")
+        path = Path(root) / disk.flat
+        if not path.is_file() or path.is_symlink():
+            raise TransportError(f"{disk}: {self.mode}: {path} is not the disk's flat file (vCenter creates it)")
+        self._file = LocalDisk(path, disk, self.mode, writable=True)
+        try:
+            self._file.size_for_writing()
+        except BaseException:
+            self.close(False)
+            raise
+
+    def write_block(self, offset: int, data: bytes) -> None:
+        if self._file is None:
+            raise TransportError(f"{self.mode}: write before open")
+        self._file.write(offset, data)
+
+    def close(self, complete: bool = True) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            if complete:
+                file.sync()
+        finally:
+            file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(False)
