@@ -37,7 +37,7 @@ from vsphere_proxy.jobs.fleet import Fleet
 from vsphere_proxy.jobs.recorder import AttemptEnds, CatalogRecorder, record_states
 from vsphere_proxy.jobs.resume import Earlier
 from vsphere_proxy.jobs.setup import JobSetup, build_job, claim_vms, new_job_id, throttles
-from vsphere_proxy.ledger import InMemoryLedger
+from vsphere_proxy.ledger import InMemoryLedger, Ledger
 from vsphere_proxy.model import VM, Inventory
 from vsphere_proxy.repository import Repository
 
@@ -89,11 +89,13 @@ class BackupRun:
     configuration's `distributed` section). `resume`: the id of a run whose coordinator stopped, to take over:
     VMs it backed up stay done, the others are backed up in the round it had reached. `control` may stop the
     run (a signal, a lost lease). `say` receives notices for the admin (waiting for a stopped run's streams).
+    `ledger`: the embedded engine's ledger, shared with the other jobs of this host (default: this process's).
     """
 
     def __init__(self, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog, *,
                  inventory: Inventory | None = None, engine: str = "embedded", resume: str | None = None,
-                 control: JobControl | None = None, say: Callable[[str], None] | None = None) -> None:
+                 control: JobControl | None = None, say: Callable[[str], None] | None = None,
+                 ledger: Ledger | None = None) -> None:
         if engine not in ENGINES:
             raise BadJob(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
         self.config = config
@@ -105,6 +107,7 @@ class BackupRun:
         self.resume = resume
         self.control = control or JobControl()
         self.say = say or (lambda _: None)
+        self.ledger = ledger  # the embedded engine's; default: one of this process only
 
     def run(self, observer: JobObserver | None = None) -> BackupReport:
         """Run the job to its end; its report. Raises `BadJob` (nothing done) or `JobFailed`."""
@@ -162,7 +165,7 @@ class BackupRun:
                               spare=held.spare)
 
         role = "embedded" if self.engine == "embedded" else f"coordinator@{platform.node()}"
-        coordinator = Coordinator(setup.job, held.fleet.ledger if held.fleet else InMemoryLedger())
+        coordinator = Coordinator(setup.job, held.fleet.ledger if held.fleet else self.ledger or InMemoryLedger())
         if earlier is None:
             catalog.start_job(job_id, config.job.name, engine=self.engine, policy=policy.model_dump(mode="json"),
                               coordinator=role, controllers=[p.name for p in setup.proxies],
