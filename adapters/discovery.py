@@ -2,8 +2,10 @@
 
 One ContainerView over the root folder, one RetrievePropertiesEx carrying an explicit path set per
 type, ContinueRetrievePropertiesEx while vCenter pages, DestroyView in `finally`: a fixed number of
-round trips whatever the number of VMs. Never pyvmomi's lazy per-attribute access in a loop. Each call is bounded
-by the session (`adapters.session.Bounded`); when vCenter stops answering, the view is left to end with the session
+round trips whatever the number of VMs. The same call reads the custom field definitions (the
+CustomFieldsManager's `field`, a second object of the filter) that name the VMs' custom attributes.
+Never pyvmomi's lazy per-attribute access in a loop. Each call is bounded by the session
+(`adapters.session.Bounded`); when vCenter stops answering, the view is left to end with the session
 rather than waited for again.
 """
 
@@ -28,6 +30,8 @@ from vsphere_proxy.model import (
     HostLun,
     Inventory,
     LunPath,
+    Network,
+    Nic,
     Tag,
 )
 
@@ -36,8 +40,8 @@ PC = vmodl.query.PropertyCollector
 PATHS: dict[type, list[str]] = {
     vim.VirtualMachine: [
         "name", "parent", "config.uuid", "config.instanceUuid", "config.template", "config.changeTrackingEnabled",
-        "config.hardware.numCPU", "config.hardware.memoryMB", "config.hardware.device", "runtime.host",
-        "runtime.powerState",
+        "config.hardware.numCPU", "config.hardware.memoryMB", "config.hardware.device", "config.firmware",
+        "config.version", "customValue", "runtime.host", "runtime.powerState",
     ],
     vim.HostSystem: [
         "name", "parent", "datastore", "runtime.connectionState", "config.storageDevice.hostBusAdapter",
@@ -47,7 +51,22 @@ PATHS: dict[type, list[str]] = {
     vim.ComputeResource: ["name", "host"],  # clusters and standalone hosts' compute resources
     vim.Folder: ["name", "parent"],
     vim.Datacenter: ["name", "vmFolder"],
+    # Standard port groups, and (the same objects, subtypes of vim.Network) distributed port groups and opaque
+    # networks with their own properties; the switches for their uuids.
+    vim.Network: ["name", "host"],
+    vim.dvs.DistributedVirtualPortgroup: ["key", "config.distributedVirtualSwitch"],
+    vim.OpaqueNetwork: ["summary"],
+    vim.DistributedVirtualSwitch: ["uuid"],
 }
+
+NIC_TYPES: list[tuple[type, str]] = [  # most specific first
+    (vim.vm.device.VirtualVmxnet3, "vmxnet3"),
+    (vim.vm.device.VirtualE1000e, "e1000e"),
+    (vim.vm.device.VirtualE1000, "e1000"),
+    (vim.vm.device.VirtualVmxnet2, "vmxnet2"),
+    (vim.vm.device.VirtualPCNet32, "pcnet32"),
+    (vim.vm.device.VirtualSriovEthernetCard, "sriov"),
+]
 
 CONTROLLERS: list[tuple[type, str]] = [
     (vim.vm.device.ParaVirtualSCSIController, "pvscsi"),
@@ -75,16 +94,22 @@ class RawObject:
     props: dict[str, Any]
 
 
-def retrieve(session: Session, paths: dict[type, list[str]] = PATHS) -> Iterator[RawObject]:
-    """Every object of the given types below the root folder, with the given properties."""
+def retrieve(session: Session, paths: dict[type, list[str]] = PATHS,
+             singletons: Iterable[tuple[Any, list[str]]] = ()) -> Iterator[RawObject]:
+    """Every object of the given types below the root folder, with the given properties; and, in the same call,
+    the given properties of each `singletons` object (a service object outside the inventory, such as the
+    CustomFieldsManager)."""
     content = session.content
     view = content.viewManager.CreateContainerView(content.rootFolder, list(paths), True)
     silent = False  # vCenter stopped answering: the view is not destroyed (it ends with the session)
     try:
         traversal = PC.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
+        extra = list(singletons)
         spec = PC.FilterSpec(
-            objectSet=[PC.ObjectSpec(obj=view, skip=True, selectSet=[traversal])],
-            propSet=[PC.PropertySpec(type=t, pathSet=p, all=False) for t, p in paths.items()],
+            objectSet=[PC.ObjectSpec(obj=view, skip=True, selectSet=[traversal]),
+                       *(PC.ObjectSpec(obj=obj, skip=False) for obj, _ in extra)],
+            propSet=[PC.PropertySpec(type=t, pathSet=p, all=False) for t, p in paths.items()]
+            + [PC.PropertySpec(type=type(obj), pathSet=p, all=False) for obj, p in extra],
         )
         collector = content.propertyCollector
         result = collector.RetrievePropertiesEx([spec], PC.RetrieveOptions())
@@ -206,6 +231,51 @@ def _disks(devices: Iterable[Any], datastores: dict[str, str]) -> tuple[tuple[Di
     return tuple(disks), tuple(passthrough)
 
 
+def _network(ref: Any, p: dict[str, Any], hosts: dict[str, str], switches: dict[str, str]) -> Network:
+    kind, key, switch_uuid = "standard", "", ""
+    if isinstance(ref, vim.dvs.DistributedVirtualPortgroup):
+        kind, key = "distributed", p.get("key") or ""
+        switch = p.get("config.distributedVirtualSwitch")
+        switch_uuid = switches.get(switch._moId, "") if switch is not None else ""
+    elif isinstance(ref, vim.OpaqueNetwork):
+        kind = "opaque"
+        key = getattr(p.get("summary"), "opaqueNetworkId", "") or ""
+    return Network(
+        moref=ref._moId, name=p.get("name") or "", kind=kind,
+        hosts=tuple(sorted(hosts[h._moId] for h in p.get("host") or [] if h._moId in hosts)),
+        key=key, switch_uuid=switch_uuid,
+    )
+
+
+def _nics(devices: Iterable[Any], networks: Iterable[Network]) -> tuple[Nic, ...]:
+    """The VM's network adapters; the network by name: the backing's deviceName (standard), the port group's name
+    (distributed, by key), the opaque network's name (by id)."""
+    by_key = {(n.kind, n.key): n.name for n in networks if n.key}
+    nics = []
+    for d in devices:
+        if not isinstance(d, vim.vm.device.VirtualEthernetCard):
+            continue
+        backing, network = d.backing, ""
+        if isinstance(backing, vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo):
+            key = backing.port.portgroupKey if backing.port is not None else ""
+            network = by_key.get(("distributed", key or ""), key or "")
+        elif isinstance(backing, vim.vm.device.VirtualEthernetCard.OpaqueNetworkBackingInfo):
+            network = by_key.get(("opaque", backing.opaqueNetworkId or ""), backing.opaqueNetworkId or "")
+        elif backing is not None:
+            network = getattr(backing, "deviceName", "") or ""
+        nics.append(Nic(
+            key=d.key, label=d.deviceInfo.label if d.deviceInfo else f"ethernet {d.key}",
+            type=next((name for cls, name in NIC_TYPES if isinstance(d, cls)), type(d).__name__),
+            network=network, mac=d.macAddress or "",
+        ))
+    return tuple(nics)
+
+
+def _custom_attributes(values: Iterable[Any], fields: dict[int, str]) -> tuple[tuple[str, str], ...]:
+    """(field name, value) of each custom value whose field is defined, sorted by name."""
+    return tuple(sorted((fields[v.key], str(getattr(v, "value", "") or "")) for v in values if v.key in fields))
+
+
 def _folder_paths(folders: dict[str, tuple[str, Any]], roots: set[str]) -> dict[str, str]:
     """Path of every VM folder below its datacenter's VM folder ("" for the root itself)."""
     paths: dict[str, str] = {}
@@ -230,15 +300,21 @@ def _folder_paths(folders: dict[str, tuple[str, Any]], roots: set[str]) -> dict[
 
 
 def discover(session: Session, *, tags: Any | None = None) -> Inventory:
-    """Read clusters, hosts (HBAs, LUNs, paths), datastores and VMs (disks, tags) into an `Inventory`.
+    """Read clusters, hosts (HBAs, LUNs, paths), datastores, networks and VMs (disks, NICs, tags, custom
+    attributes, firmware, hardware version) into an `Inventory`.
 
     `tags` is an `adapters.tags.TagClient`; its batch call reads every VM's tags at once.
     """
     before = session.counter.total
     objects: dict[type, list[RawObject]] = {t: [] for t in PATHS}
-    for obj in retrieve(session):
+    fields: dict[int, str] = {}  # custom field key -> name
+    manager = session.content.customFieldsManager
+    for obj in retrieve(session, singletons=[(manager, ["field"])] if manager is not None else []):
+        if isinstance(obj.ref, vim.CustomFieldsManager):
+            fields = {f.key: f.name for f in obj.props.get("field") or []}
+            continue
         for t in PATHS:
-            if isinstance(obj.ref, t):
+            if isinstance(obj.ref, t):  # distributed port groups and opaque networks land with vim.Network
                 objects[t].append(obj)
                 break
 
@@ -265,6 +341,10 @@ def discover(session: Session, *, tags: Any | None = None) -> Inventory:
          for o in objects[vim.ComputeResource] if isinstance(o.ref, vim.ClusterComputeResource)),
         key=lambda c: c.name))
 
+    switches = {o.ref._moId: o.props.get("uuid") or "" for o in objects[vim.DistributedVirtualSwitch]}
+    networks = tuple(sorted((_network(o.ref, o.props, host_names, switches) for o in objects[vim.Network]),
+                            key=lambda n: (n.name, n.moref)))
+
     vm_tags: dict[str, list[tuple[str, str]]] = {}
     if tags is not None and objects[vim.VirtualMachine]:
         vm_tags = tags.vm_tags([o.ref._moId for o in objects[vim.VirtualMachine]])
@@ -286,8 +366,12 @@ def discover(session: Session, *, tags: Any | None = None) -> Inventory:
             cpus=int(p.get("config.hardware.numCPU") or 0), memory_mb=int(p.get("config.hardware.memoryMB") or 0),
             passthrough=passthrough,
             tags=tuple(sorted(Tag(c, t) for c, t in vm_tags.get(o.ref._moId, []))),
+            nics=_nics(p.get("config.hardware.device") or [], networks),
+            custom_attributes=_custom_attributes(p.get("customValue") or [], fields),
+            firmware=p.get("config.firmware") or "", hw_version=p.get("config.version") or "",
         ))
     return Inventory(
         datacenter=datacenters[0].props["name"], clusters=cluster_list, hosts=hosts, datastores=datastores,
         vms=tuple(sorted(vms, key=lambda v: v.name)), round_trips=session.counter.total - before,
+        networks=networks,
     )

@@ -6,6 +6,8 @@ Each image is a sequence of regions whose kinds and boundaries come from a PRNG 
     so a 4 MiB-aligned pattern block is byte-identical wherever it occurs (dedup across disks and VMs);
   - zero: a hole (the file is sparse there).
 Region boundaries fall on 4 MiB block boundaries and in the middle of blocks. Same inputs, same bytes.
+
+`nvram_bytes` is the NVRAM file the launcher writes beside each VM's .vmx (testbed/vcsim/vmconfig.go).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from testbed.topology import DiskImage
 BLOCK = 4 << 20
 _ZEROS = memoryview(bytes(BLOCK))
 _PATTERN_UNITS = (1, 512, 4096, 65536)  # all divide BLOCK, so aligned pattern blocks repeat exactly
+
+NVRAM_SIZE = {"bios": 8 << 10, "efi": 128 << 10}  # bytes of the NVRAM file the launcher writes, per firmware
 
 Kind = Literal["random", "pattern", "zero"]
 _KINDS: tuple[Kind, ...] = ("random", "pattern", "zero")
@@ -93,6 +97,15 @@ def write_image(disk: DiskImage, seed: str | int) -> str:
 def write_images(disks: Iterable[DiskImage], seed: str | int = "vsphere-proxy") -> dict[tuple[str, int], str]:
     """Write every disk's image; return {(vm, index): sha256 hex}."""
     return {(d.vm, d.index): write_image(d, seed) for d in disks}
+
+
+def nvram_bytes(vm: str, firmware: str = "bios") -> bytes:
+    """The launcher's `<vm dir>/<vm>.nvram` of VM `vm` (nvramBytes in testbed/vcsim/vmconfig.go): NVRAM_SIZE[firmware]
+    bytes of SHA-256 in counter mode, block i being SHA-256 of "vsphere-proxy/nvram/<firmware>/<vm>/<i>"."""
+    size = NVRAM_SIZE[firmware]
+    blocks = (hashlib.sha256(f"vsphere-proxy/nvram/{firmware}/{vm}/{i}".encode()).digest()
+              for i in range(-(-size // 32)))
+    return b"".join(blocks)[:size]
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

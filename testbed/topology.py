@@ -79,10 +79,21 @@ def disks(topology: dict[str, Any], datastores: dict[str, Path], disk_scale: flo
     return out
 
 
+def firmware(machine: dict[str, Any]) -> str:
+    """A machine's firmware as the launcher creates it: its `Firmware`, else bios."""
+    return str(machine.get("Firmware") or "bios")
+
+
+def nvram_path(machine: dict[str, Any], datastores: dict[str, Path]) -> Path:
+    """Where the launcher writes a machine's NVRAM file: `<home datastore>/V/V.nvram`, home being the first disk's."""
+    vm = machine["Name"]
+    return Path(datastores[machine["Disk"][0]["Datastore"]]) / vm / f"{vm}.nvram"
+
+
 def generate(n_vms: int, *, seed: int = 0, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A large topology for benchmarks: `n_vms` generated VMs on the base topology's infrastructure.
 
-    Datacenter, folders, clusters, LUNs, hosts, datastores, tag categories and proxies are reused from `base`
+    Datacenter, folders, clusters, LUNs, hosts, datastores, networks, tag categories and proxies are reused from `base`
     (default.json); so are the proxy VMs the proxy list names, which come on top of the `n_vms`. Each generated
     VM lives on a host, with 1-3 disks of 1-4 MB on datastores that host mounts, and a few tags. Same
     arguments, same topology.

@@ -103,6 +103,28 @@ def test_vms_disks_folders_and_tags(vcsim: Any, inventory: Inventory) -> None:
     assert [h.device for h in host.hbas if h.pci in proxy.passthrough] == ["vmhba3"]
 
 
+def test_networks_nics_attributes_firmware(vcsim: Any, inventory: Inventory) -> None:
+    hosts = tuple(sorted(h["Name"] for h in vcsim.topology["Host"]))
+    declared = [n["Name"] for n in vcsim.topology["Network"]]
+    assert sorted(n.name for n in inventory.networks) == sorted([*declared, "VM Network"])
+    assert all(n.kind == "standard" and n.hosts == hosts and n.moref.startswith("network-") and not n.key
+               for n in inventory.networks)
+    for spec in vcsim.topology["Machine"]:
+        vm = inventory.vm_by_name[spec["Name"]]
+        assert [(n.label, n.type, n.network) for n in vm.nics] == [
+            (f"Network adapter {i + 1}", n.get("Type", "vmxnet3"), n["Network"])
+            for i, n in enumerate(spec.get("Nic", []))]
+        assert vm.custom_attributes == tuple(sorted(spec.get("Attribute", {}).items()))
+        assert (vm.firmware, vm.hw_version) == (spec.get("Firmware", "bios"), spec.get("Version", "vmx-13"))
+    macs = [n.mac for v in inventory.vms for n in v.nics]
+    assert len(macs) == len(set(macs)) >= 20
+    db = inventory.vm_by_name["db-01"]
+    assert [(n.key, n.network) for n in db.nics] == [(4000, "Prod-Net"), (4001, "DR-Net")]
+    assert dict(db.custom_attributes) == {"CostCenter": "4800", "Owner": "team-b", "Role": "database"}
+    assert (db.firmware, db.hw_version) == ("efi", "vmx-19")
+    assert inventory.network_by_name["DR-Net"].hosts == hosts
+
+
 def test_selecting_by_tag_goes_through_the_sdk(vcsim: Any, inventory: Inventory, tags: TagClient) -> None:
     declared = sorted(m["Name"] for m in vcsim.topology["Machine"] if "BackupPolicy:gold" in m.get("Tag", []))
     assert declared, "the topology tags some VMs gold"

@@ -5,23 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
+import shutil
 import stat
 import subprocess
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 import yaml
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
 from testbed import topology as topo
 from testbed.config import proxy_entry
-from testbed.images import BLOCK, image_layout, sha256_file, write_image, write_images
+from testbed.images import BLOCK, NVRAM_SIZE, image_layout, nvram_bytes, sha256_file, write_image, write_images
 from testbed.launcher import Vcsim, build_launcher
 
 if TYPE_CHECKING:
@@ -156,6 +160,107 @@ def test_write_images_is_fast(tmp_path: Path) -> None:
     assert len(set(hashes.values())) == 10
 
 
+def _machine(vcsim: VcsimTestbed, name: str) -> dict[str, Any]:
+    return next(m for m in vcsim.topology["Machine"] if m["Name"] == name)
+
+
+def test_topology_declares_what_a_restore_verifies(vcsim: VcsimTestbed) -> None:
+    machines = [m for m in vcsim.topology["Machine"] if m["Name"] not in {p["Name"] for p in vcsim.topology["Proxy"]}]
+    with_nics = [m for m in machines if m.get("Nic")]
+    assert len(with_nics) >= len(machines) * 3 // 4
+    two = [m for m in with_nics if len({n["Network"] for n in m["Nic"]}) == 2]
+    assert len(two) >= 2, "at least two machines with 2 NICs on different networks"
+    assert any(n["Network"] == "VM Network" for m in with_nics for n in m["Nic"])
+    assert {n.get("Type", "vmxnet3") for m in with_nics for n in m["Nic"]} == {"vmxnet3", "e1000e", "e1000"}
+    assert 2 <= sum(1 for m in machines if m.get("Firmware") == "efi") <= 3
+    assert len({k for m in machines for k in m.get("Attribute", {})}) >= 2
+
+
+def test_hosts_carry_the_port_groups(vcsim: VcsimTestbed) -> None:
+    declared = {n["Name"]: n["Vlan"] for n in vcsim.topology["Network"]}
+    si = _connect(vcsim.url, vcsim.username, vcsim.password)
+    try:
+        views = si.content.viewManager
+        view = views.CreateContainerView(si.content.rootFolder, [vim.Network], True)
+        hosts = {h["Name"] for h in vcsim.topology["Host"]}
+        networks = {n.name: {h.name for h in n.host} for n in view.view}
+        assert networks == {name: hosts for name in [*declared, "VM Network"]}
+        host = next(h for h in views.CreateContainerView(si.content.rootFolder, [vim.HostSystem], True).view
+                    if h.name == "esx-04")
+        groups = {g.spec.name: (g.spec.vlanId, g.spec.vswitchName) for g in host.config.network.portgroup}
+        assert {name: groups[name] for name in declared} == {n: (v, "vSwitch0") for n, v in declared.items()}
+        assert set(declared) <= {n.name for n in host.network}
+    finally:
+        Disconnect(si)
+
+
+def test_machine_nics_attributes_firmware_and_nvram(vcsim: VcsimTestbed) -> None:
+    si = _connect(vcsim.url, vcsim.username, vcsim.password)
+    try:
+        fields = {f.key: f.name for f in si.content.customFieldsManager.field}
+        view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.VirtualMachine], True)
+        vms = {vm.name: vm for vm in view.view}
+        for name in ("db-01", "app-01", "dev-06"):  # efi with 2 NICs; bios, vmx-17, on "VM Network"; no NIC
+            spec, config = _machine(vcsim, name), vms[name].config
+            nics = [d for d in config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+            kinds = {"vmxnet3": vim.vm.device.VirtualVmxnet3, "e1000e": vim.vm.device.VirtualE1000e,
+                     "e1000": vim.vm.device.VirtualE1000}
+            assert [(type(d), d.backing.deviceName, d.deviceInfo.label) for d in nics] == [
+                (kinds[n.get("Type", "vmxnet3")], n["Network"], f"Network adapter {i + 1}")
+                for i, n in enumerate(spec.get("Nic", []))]
+            assert all(re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", d.macAddress) for d in nics)
+            assert sorted(n.name for n in vms[name].network) == sorted({n["Network"] for n in spec.get("Nic", [])})
+            assert {fields[v.key]: v.value for v in vms[name].customValue} == spec.get("Attribute", {})
+            assert config.firmware == topo.firmware(spec)
+            assert config.version == spec.get("Version", "vmx-13")
+            assert {o.key: o.value for o in config.extraConfig}["nvram"] == f"{name}.nvram"
+            nvram = [f for f in vms[name].layoutEx.file if f.type == "nvram"]
+            assert [f.size for f in nvram] == [NVRAM_SIZE[config.firmware]]
+        assert vms["db-01"].config.firmware == "efi"
+    finally:
+        Disconnect(si)
+    for machine in vcsim.topology["Machine"]:  # every NVRAM file holds the bytes the testbed recomputes
+        data = topo.nvram_path(machine, vcsim.datastores).read_bytes()
+        assert data == nvram_bytes(machine["Name"], topo.firmware(machine)), machine["Name"]
+    assert nvram_bytes("db-01", "efi") != nvram_bytes("db-02", "efi") != nvram_bytes("db-02", "bios")
+    assert len(nvram_bytes("x", "bios")) == 8 << 10 and len(nvram_bytes("x", "efi")) == 128 << 10
+
+
+def test_datastore_put_keeps_zero_blocks_as_holes(vcsim: VcsimTestbed) -> None:
+    """PUT streams the body and stores every all-zero 4 MiB-aligned block and an all-zero tail as a hole, as a
+    thin-provisioned datastore does; the file reads back byte for byte, replacing the whole previous file."""
+    rng = random.Random("datastore-put")
+    mixed = rng.randbytes(BLOCK // 4) + bytes(BLOCK - BLOCK // 4)  # a block with data and zeros: written whole
+    body = rng.randbytes(BLOCK) + bytes(2 * BLOCK) + mixed + bytes(BLOCK // 2 + 3)  # zero blocks, zero tail
+    si = _connect(vcsim.url, vcsim.username, vcsim.password)
+    try:
+        cookie = {"Cookie": si._stub.cookie.split(";", 1)[0]}
+        url = f"{vcsim.url.removesuffix('/sdk')}/folder/put-test/sparse.bin"
+        url += f"?dcPath={vcsim.topology['Datacenter']}&dsName=nfs-01"
+
+        def pieces(data: bytes, size: int = (1 << 20) + 7) -> Iterator[bytes]:  # chunked, not block-aligned
+            yield from (data[i : i + size] for i in range(0, len(data), size))
+
+        assert requests.put(url, data=rng.randbytes(6 * BLOCK), headers=cookie, timeout=30).status_code == 200
+        assert requests.put(url, data=body, timeout=30).status_code == 401  # no session, no write
+        r = requests.put(url, data=pieces(body), headers=cookie, timeout=30)
+        assert r.status_code == 200 and r.content == b""
+        path = vcsim.datastores["nfs-01"] / "put-test" / "sparse.bin"
+        st = path.stat()
+        assert st.st_size == len(body) and path.read_bytes() == body
+        assert st.st_blocks * 512 <= 2 * BLOCK + 64 * 1024 < st.st_size, st  # the random and the mixed block
+        got = requests.get(url, headers=cookie, timeout=30)
+        assert got.status_code == 200 and got.content == body
+        assert requests.post(url, data=b"x", headers=cookie, timeout=30).status_code == 409
+        empty = url.replace("sparse.bin", "zeros.bin")
+        assert requests.put(empty, data=bytes(BLOCK + 1), headers=cookie, timeout=30).status_code == 200
+        zeros = path.with_name("zeros.bin").stat()
+        assert zeros.st_size == BLOCK + 1 and zeros.st_blocks == 0
+    finally:
+        Disconnect(si)
+        shutil.rmtree(vcsim.datastores["nfs-01"] / "put-test", ignore_errors=True)
+
+
 def test_config_and_credentials(vcsim: VcsimTestbed) -> None:
     text = vcsim.config_path.read_text()
     assert vcsim.password not in text
@@ -196,6 +301,18 @@ def test_stop_removes_temp_dirs(tmp_path: Path) -> None:
     assert not any(d.exists() for d in dirs)
     assert not any(d.exists() for d in sim.datastores.values())
     sim.stop()  # idempotent
+
+
+@pytest.mark.parametrize(("nic", "message"), [
+    ({"Network": "No-Such-Net"}, r'machine "web-01": nic 0: unknown network "No-Such-Net"'),
+    ({"Network": "Prod-Net", "Type": "pcnet32"}, r'machine "web-01": nic 0: unknown type "pcnet32"'),
+])
+def test_bad_nic_fails_clearly(tmp_path: Path, nic: dict[str, str], message: str) -> None:
+    bad = topo.load()
+    next(m for m in bad["Machine"] if m["Name"] == "web-01")["Nic"] = [nic]
+    path = topo.write(bad, tmp_path / "bad.json")
+    with pytest.raises(RuntimeError, match=message):
+        Vcsim.start(path, "user", "pass-word", timeout=30)
 
 
 def test_bad_topology_fails_clearly(tmp_path: Path) -> None:

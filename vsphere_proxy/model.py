@@ -144,6 +144,30 @@ class Disk:
 
 
 @dataclass(frozen=True, slots=True)
+class Network:
+    """A network a NIC can be on: a standard port group (`vim.Network`, one object for every host carrying a port
+    group of that name), a distributed port group, or an opaque network (NSX)."""
+
+    moref: str
+    name: str
+    kind: str  # "standard" | "distributed" | "opaque"
+    hosts: tuple[str, ...] = ()  # names of the hosts it is available on
+    key: str = ""  # dvportgroup key (an opaque network's id)
+    switch_uuid: str = ""  # the distributed switch's uuid
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """A virtual network adapter of a VM (a `VirtualEthernetCard` in `config.hardware.device`)."""
+
+    key: int
+    label: str
+    type: str  # vmxnet3 | e1000e | e1000 | vmxnet2 | pcnet32 | sriov | ...
+    network: str  # the network's name
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
 class VM:
     moref: str
     name: str
@@ -160,6 +184,10 @@ class VM:
     memory_mb: int = 0
     passthrough: tuple[str, ...] = ()  # PCI addresses of devices passed through to the VM
     tags: tuple[Tag, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    custom_attributes: tuple[tuple[str, str], ...] = ()  # (field name, value), sorted by name
+    firmware: str = ""  # config.firmware: bios | efi
+    hw_version: str = ""  # config.version: vmx-NN
 
     @property
     def backup_disks(self) -> tuple[Disk, ...]:
@@ -194,6 +222,7 @@ class Inventory:
     datastores: tuple[Datastore, ...] = ()
     vms: tuple[VM, ...] = ()
     round_trips: int = 0  # SOAP calls the read took
+    networks: tuple[Network, ...] = ()
 
     @cached_property
     def host_by_name(self) -> dict[str, Host]:
@@ -206,6 +235,10 @@ class Inventory:
     @cached_property
     def vm_by_name(self) -> dict[str, VM]:
         return {v.name: v for v in self.vms}
+
+    @cached_property
+    def network_by_name(self) -> dict[str, Network]:
+        return {n.name: n for n in self.networks}
 
     @cached_property
     def _paths_by_lun(self) -> dict[str, list[tuple[str, LunPath]]]:

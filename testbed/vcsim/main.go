@@ -1,7 +1,9 @@
 // Command vcsim-launcher serves a govmomi vCenter simulator whose inventory is built from a
 // topology file: clusters, ESXi hosts with FibreChannel/iSCSI HBAs seeing LUNs through multipath
-// paths, VMFS datastores on those LUNs, NFS and local datastores, VMs with disks, proxy VMs with a
-// FibreChannel HBA passed through, and vSphere tags. It is built offline from Debian's golang-go and
+// paths, VMFS datastores on those LUNs, NFS and local datastores, standard port groups on every host, VMs with
+// disks, NICs, custom attributes, firmware, hardware version and a filled NVRAM file, proxy VMs with a
+// FibreChannel HBA passed through, and vSphere tags. Datastore HTTP PUT stores zero blocks as holes
+// (datastore_put.go). It is built offline from Debian's golang-go and
 // golang-github-vmware-govmomi-dev (GO111MODULE=off GOPATH=/usr/share/gocode go build).
 //
 // Credentials come from the environment (VCSIM_USERNAME, VCSIM_PASSWORD), never from argv.
@@ -45,6 +47,7 @@ type Topology struct {
 	Lun        []LunSpec
 	Host       []HostSpec
 	Datastore  []DatastoreSpec
+	Network    []NetworkSpec // standard port groups on every host's vSwitch0, besides the simulator's "VM Network"
 	Machine    []MachineSpec
 	Category   []CategorySpec
 	Proxy      []json.RawMessage // physical proxies are not in vCenter; read by the Python testbed only
@@ -98,6 +101,16 @@ type DiskSpec struct {
 	Controller string // pvscsi | lsilogic
 }
 
+type NetworkSpec struct {
+	Name string
+	Vlan int32 // 0-4094; 0: untagged
+}
+
+type NicSpec struct {
+	Network string // a Network name or "VM Network"
+	Type    string // vmxnet3 (default) | e1000e | e1000
+}
+
 type MachineSpec struct {
 	Name        string
 	Folder      string
@@ -106,9 +119,13 @@ type MachineSpec struct {
 	Cbt         bool
 	Cpu         int32
 	MemoryMB    int64
+	Firmware    string // bios (default) | efi
+	Version     string // hardware version, vmx-NN; default: the simulator's (vmx-13)
 	Disk        []DiskSpec
-	Passthrough []string // host HBAs (vmhbaN) passed through to this VM
-	Tag         []string // Category:Tag
+	Nic         []NicSpec
+	Passthrough []string          // host HBAs (vmhbaN) passed through to this VM
+	Tag         []string          // Category:Tag
+	Attribute   map[string]string // custom attributes (CustomFieldsManager fields of VirtualMachine)
 }
 
 type CategorySpec struct {
@@ -132,6 +149,7 @@ type launcher struct {
 	dsDir    map[string]string
 	luns     map[string]int    // canonical name -> LUN number
 	hbaPci   map[string]string // "host/vmhbaN" -> PCI address
+	networks map[string]bool   // port group names a NIC may name
 	vms      map[string]types.ManagedObjectReference
 }
 
@@ -184,6 +202,7 @@ func main() {
 		dir, ok := l.dsDir[ds]
 		return dir, ok
 	})
+	server.Config.Handler = wrapDatastorePut(server.Config.Handler, datastoreDir)
 	server.Config.Handler = wrapSessions(server.Config.Handler, *datastoreAuth)
 	cleanup := func() {
 		server.Close()
@@ -268,7 +287,8 @@ func (l *launcher) build(u *url.URL) error {
 		}
 	}
 
-	steps := []func() error{l.buildFolders, l.buildHosts, l.buildDatastores, l.buildMachines, l.buildTags}
+	steps := []func() error{l.buildFolders, l.buildHosts, l.buildNetworks, l.buildDatastores, l.buildMachines,
+		l.buildAttributes, l.buildTags}
 	for _, step := range steps {
 		if err := step(); err != nil {
 			return err
@@ -617,14 +637,25 @@ func (l *launcher) buildMachine(ms MachineSpec) error {
 	if mem == 0 {
 		mem = 1024
 	}
+	firmware, err := machineFirmware(ms)
+	if err != nil {
+		return err
+	}
+	if ms.Version != "" && !validVersion(ms.Version) {
+		return fmt.Errorf("unknown hardware version %q (want vmx-NN)", ms.Version)
+	}
 	homeDs := ms.Disk[0].Datastore
 	config := types.VirtualMachineConfigSpec{
 		Name:                  ms.Name,
 		GuestId:               string(types.VirtualMachineGuestOsIdentifierOtherGuest64),
 		NumCPUs:               cpu,
 		MemoryMB:              mem,
+		Firmware:              firmware,
+		Version:               ms.Version,
 		ChangeTrackingEnabled: types.NewBool(ms.Cbt),
 		Files:                 &types.VirtualMachineFileInfo{VmPathName: fmt.Sprintf("[%s] %s/%s.vmx", homeDs, ms.Name, ms.Name)},
+		// vCenter names the NVRAM file in the "nvram" advanced setting, relative to the VM's directory.
+		ExtraConfig: []types.BaseOptionValue{&types.OptionValue{Key: "nvram", Value: ms.Name + ".nvram"}},
 	}
 
 	var devices object.VirtualDeviceList
@@ -702,6 +733,11 @@ func (l *launcher) buildMachine(ms MachineSpec) error {
 			}},
 		})
 	}
+	nics, err := l.nicSpecs(ms)
+	if err != nil {
+		return err
+	}
+	specs = append(specs, nics...)
 	for _, c := range controllers {
 		specs = append([]types.BaseVirtualDeviceConfigSpec{&types.VirtualDeviceConfigSpec{
 			Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: c.(types.BaseVirtualDevice)}}, specs...)
@@ -718,6 +754,9 @@ func (l *launcher) buildMachine(ms MachineSpec) error {
 	}
 	ref := info.Result.(types.ManagedObjectReference)
 	l.vms[ms.Name] = ref
+	if err := l.writeNvram(ms, firmware, ref); err != nil {
+		return err
+	}
 	if ms.PowerState == "" || ms.PowerState == "poweredOn" {
 		task, err := object.NewVirtualMachine(l.client.Client, ref).PowerOn(ctx)
 		if err == nil {
