@@ -3,8 +3,8 @@
 The module backs up every VM of the testbed once, then restores them into vCenter: every VM as a new VM in one
 restore job (its VMs written through every write mode), checked against the source device by device and bit for
 bit in the datastore directories; bad input refused before anything is made; a restore failing mid-write that
-leaves nothing behind; a restore job running beside a backup job on the same proxies with the shared ledger
-sampled; a disk restored into an existing VM; the original VM replaced.
+leaves nothing behind; a restore job running beside a backup job of another process on the same proxies, with
+the ledger they share sampled; a disk restored into an existing VM; the original VM replaced.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -32,10 +34,9 @@ from testbed.bed import USER, OwnTestbed, own_testbed
 from testbed.faults import FailingWrites, restore_with
 from vsphere_proxy.cli import main
 from vsphere_proxy.cli.common import open_catalog, open_repository, read_config, vcenter
-from vsphere_proxy.jobs.backup import BackupRun
 from vsphere_proxy.jobs.restore import RestoreRun
 from vsphere_proxy.jobs.restore_plan import RestoreOptions, allocated_bytes
-from vsphere_proxy.ledger import InMemoryLedger
+from vsphere_proxy.ledger_sqlite import SqliteLedger
 from vsphere_proxy.repository import Repository
 from vsphere_proxy.scheduler import max_streams
 from vsphere_proxy.transports import BLOCK
@@ -210,7 +211,7 @@ def test_a_restore_job_beside_a_backup_job_keeps_every_limit(bed: Bed) -> None:
     points = [p for p in (repo.latest(v) for v in ("web-01", "web-02", "web-03", "web-04", "db-01", "db-02",
                                                     "app-01", "app-02", "dev-01", "dev-02")) if p is not None]
     assert len(points) == 10
-    ledger = InMemoryLedger()  # one process: both jobs share the process's ledger
+    ledger = SqliteLedger(config.repository.ledger_path())  # the file both processes take their streams in
     seen: list[tuple[Counter[str], Counter[str], set[str]]] = []
     over: list[str] = []
     done = threading.Event()
@@ -230,34 +231,27 @@ def test_a_restore_job_beside_a_backup_job_keeps_every_limit(bed: Bed) -> None:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        results: dict[str, Any] = {}
-
-        def backup() -> None:
-            catalog = open_catalog(config)
-            try:
-                results["backup"] = BackupRun(config, found.backend, repo, catalog, inventory=found.inventory,
-                                              ledger=ledger).run()
-            finally:
-                catalog.close()
-
-        thread = threading.Thread(target=backup)
-        thread.start()
+        backup = subprocess.Popen([sys.executable, "-m", "vsphere_proxy", "backup", "--config", str(config_path),
+                                   "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not any(s[2] for s in seen) and time.monotonic() < deadline:  # the backup holds streams
+            time.sleep(0.05)
         catalog = open_catalog(config)
         try:
             options = RestoreOptions(network_map=dict([NET_MAP]))
-            restore = RestoreRun.vms(config, found.backend, repo, catalog, points, options, inventory=found.inventory,
-                                     ledger=ledger)
-            results["restore"] = restore.run()
+            restore = RestoreRun.vms(config, found.backend, repo, catalog, points, options, inventory=found.inventory)
+            restored = restore.run()
         finally:
             catalog.close()
-        thread.join(300)
+        out, err = backup.communicate(timeout=300)
         done.set()
         sampler.join()
     assert over == [], over[:5]
-    assert results["backup"].status == "complete" and results["restore"].status == "complete"
+    assert backup.returncode == 0, err
+    assert json.loads(out)["status"] == "complete" and restored.status == "complete"
     both = [s for s in seen if len(s[2]) == 2]
-    assert both, "the two jobs ran at the same time"
-    assert results["restore"].job_id in {j for s in seen for j in s[2]}
+    assert both, "the two jobs, in two processes, held streams at the same time"
+    assert restored.job_id in {j for s in seen for j in s[2]}
 
 
 def _proxies(config: Any, inventory: Any) -> list[Any]:

@@ -230,6 +230,9 @@ class RepositoryConfig(_Strict):
 
     path: Path
     catalog: str | None = None  # SQLAlchemy URL or SQLite file; default: catalog.sqlite beside the repository
+    # the embedded engine's stream ledger, shared by every job of this host naming the same file (jobs that share
+    # proxies must share it); default: ledger.sqlite beside the repository
+    ledger: Path | None = None
 
     @field_validator("path")
     @classmethod
@@ -238,8 +241,18 @@ class RepositoryConfig(_Strict):
             raise ValueError(f"must be an absolute directory (got {str(v)!r})")
         return v
 
+    @field_validator("ledger")
+    @classmethod
+    def _absolute_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError(f"must be an absolute file path (got {str(v)!r})")
+        return v
+
     def catalog_target(self) -> str:
         return self.catalog or str(self.path.parent / f"{self.path.name}.catalog.sqlite")
+
+    def ledger_path(self) -> Path:
+        return self.ledger or self.path.parent / f"{self.path.name}.ledger.sqlite"
 
 
 def _redis_url(v: str) -> str:

@@ -10,7 +10,8 @@ reason, when:
   answer, the repository is full);
 - anything raises in the engine, an observer or a recorder (a catalog write on a full disk): the error is the
   reason, never lost in a pool thread;
-- the coordinator made no progress for `stall_seconds` while no stream ran (the watchdog);
+- the coordinator made no progress for `stall_seconds` while no stream ran, its own or another job's (the
+  watchdog; waiting for another job to give streams back is not a stall);
 - `stop` is called (a signal): the job ends `interrupted`.
 Ending early stops scheduling, stops every stream at its next block (hot-added disks are detached as streams
 leave), waits at most `grace` seconds for them, then finishes every open attempt (points dropped, snapshots
@@ -132,11 +133,13 @@ class EmbeddedEngine:
             if errors:
                 return Stop(f"the job could not go on: {describe(errors[0])}")
             idle = self.clock() - moved[0]
-            if not coordinator.done and not runner.busy() and idle > self.stall_seconds:
+            if not coordinator.done and not runner.busy() and idle > self.stall_seconds \
+                    and not any(s.job != coordinator.job.id for s in coordinator.ledger.streams()):
                 return Stop(f"the coordinator made no progress for {idle:.0f} s while no stream ran "
                             f"(stall limit {self.stall_seconds:g} s)")
             return None
 
+        others_before = 0  # streams of other jobs in the ledger at the last tick
         try:
             try:
                 with lock:
@@ -161,6 +164,10 @@ class EmbeddedEngine:
                 with lock:
                     if coordinator.done and not runner.busy():
                         break
+                    others = sum(1 for s in coordinator.ledger.streams() if s.job != coordinator.job.id)
+                    if others < others_before and not coordinator.done:  # other jobs (processes) gave streams
+                        submit(coordinator.on_released())                 # back: they are ours to use
+                    others_before = others
         finally:
             for pool in pools.values():
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -36,8 +36,8 @@ from vsphere_proxy.jobs.errors import BadJob, JobFailed
 from vsphere_proxy.jobs.fleet import Fleet
 from vsphere_proxy.jobs.recorder import AttemptEnds, CatalogRecorder, record_states
 from vsphere_proxy.jobs.resume import Earlier
-from vsphere_proxy.jobs.setup import JobSetup, build_job, claim_vms, new_job_id, throttles
-from vsphere_proxy.ledger import InMemoryLedger, Ledger
+from vsphere_proxy.jobs.setup import JobSetup, build_job, claim_vms, job_ledger, new_job_id, throttles
+from vsphere_proxy.ledger import Ledger
 from vsphere_proxy.model import VM, Inventory
 from vsphere_proxy.repository import Repository
 
@@ -89,7 +89,7 @@ class BackupRun:
     configuration's `distributed` section). `resume`: the id of a run whose coordinator stopped, to take over:
     VMs it backed up stay done, the others are backed up in the round it had reached. `control` may stop the
     run (a signal, a lost lease). `say` receives notices for the admin (waiting for a stopped run's streams).
-    `ledger`: the embedded engine's ledger, shared with the other jobs of this host (default: this process's).
+    `ledger`: the embedded engine's ledger (default: `repository.ledger`, the file the host's jobs share).
     """
 
     def __init__(self, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog, *,
@@ -165,7 +165,7 @@ class BackupRun:
                               spare=held.spare)
 
         role = "embedded" if self.engine == "embedded" else f"coordinator@{platform.node()}"
-        coordinator = Coordinator(setup.job, held.fleet.ledger if held.fleet else self.ledger or InMemoryLedger())
+        coordinator = Coordinator(setup.job, held.fleet.ledger if held.fleet else self.ledger or job_ledger(config))
         if earlier is None:
             catalog.start_job(job_id, config.job.name, engine=self.engine, policy=policy.model_dump(mode="json"),
                               coordinator=role, controllers=[p.name for p in setup.proxies],

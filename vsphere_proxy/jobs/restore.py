@@ -43,8 +43,8 @@ from vsphere_proxy.jobs.restore_plan import (
     plan_disk_restore,
     plan_restores,
 )
-from vsphere_proxy.jobs.setup import new_job_id, throttles
-from vsphere_proxy.ledger import InMemoryLedger, Ledger
+from vsphere_proxy.jobs.setup import job_ledger, new_job_id, throttles
+from vsphere_proxy.ledger import Ledger
 from vsphere_proxy.model import Inventory
 from vsphere_proxy.proxies import resolve_proxies
 from vsphere_proxy.repository import Manifest, Repository, RepositoryError
@@ -166,7 +166,8 @@ class DryRun:
 
 class RestoreRun:
     """One restore job: `plan(inventory)` says what to restore where (`vms` and `disk` make it from what the
-    admin asked). `ledger`: the ledger shared with the other jobs of this host (default: this process's only).
+    admin asked). `ledger`: the ledger shared with the other jobs (default: `repository.ledger`, the file the
+    host's embedded jobs share).
     """
 
     def __init__(self, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog,
@@ -254,7 +255,7 @@ class RestoreRun:
                 observer: JobObserver) -> BackupReport:
         config, catalog, job_id = self.config, self.catalog, self.job_id
         policy = config.job.policy
-        coordinator = Coordinator(job, self.ledger or InMemoryLedger())
+        coordinator = Coordinator(job, self.ledger or job_ledger(config))
         catalog.start_job(job_id, RESTORE_JOB, engine="embedded", policy=policy.model_dump(mode="json"),
                           coordinator=f"embedded@{platform.node()}", controllers=[p.name for p in job.proxies],
                           summary={"kind": "restore", "stream_limits": dict(coordinator.limits),

@@ -15,6 +15,7 @@ from vsphere_proxy.catalog import Catalog
 from vsphere_proxy.config import Config, ConfigError
 from vsphere_proxy.coordinator import Job, WorkVM
 from vsphere_proxy.jobs.errors import BadJob
+from vsphere_proxy.ledger_sqlite import LedgerUnavailable, SqliteLedger
 from vsphere_proxy.model import Inventory, Proxy
 from vsphere_proxy.proxies import resolve_proxies
 from vsphere_proxy.selection import Selected, select_vms
@@ -76,6 +77,16 @@ def claim_vms(catalog: Catalog, config: Config, job_id: str, setup: JobSetup, ke
         return setup, []
     why = {keys[k]: f"being backed up by job {other}" for k, other in busy.items()}
     return setup.without(why), sorted(why.items())
+
+
+def job_ledger(config: Config) -> SqliteLedger:
+    """The embedded engine's ledger: the file every job of this host shares (`repository.ledger`)."""
+    if config.repository is None:
+        raise BadJob("repository: not configured; the ledger lives beside it")
+    try:
+        return SqliteLedger(config.repository.ledger_path(), ttl=config.job.policy.lease_seconds)
+    except LedgerUnavailable as e:
+        raise BadJob(f"repository.ledger: {e}") from None
 
 
 def throttles(config: Config) -> dict[str, float]:
