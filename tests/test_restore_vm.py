@@ -9,6 +9,7 @@ the ledger they share sampled; a disk restored into an existing VM; the original
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -34,8 +35,9 @@ from testbed.bed import USER, OwnTestbed, own_testbed
 from testbed.faults import FailingWrites, restore_with
 from vsphere_proxy.cli import main
 from vsphere_proxy.cli.common import open_catalog, open_repository, read_config, vcenter
+from vsphere_proxy.jobs.errors import BadJob
 from vsphere_proxy.jobs.restore import RestoreRun
-from vsphere_proxy.jobs.restore_plan import RestoreOptions, allocated_bytes
+from vsphere_proxy.jobs.restore_plan import RestoreOptions, allocated_bytes, plan_restores
 from vsphere_proxy.ledger_sqlite import SqliteLedger
 from vsphere_proxy.repository import Repository
 from vsphere_proxy.scheduler import max_streams
@@ -302,3 +304,38 @@ def test_overwrite_replaces_the_powered_off_original(bed: Bed) -> None:
     now = bed.vms()
     assert "test-02" in now and now["test-02"].moref != original.moref
     assert not [n for n in now if n.startswith("test-02-restoring-")]
+
+
+def test_kept_identity_power_on_and_the_job_in_the_catalog(bed: Bed, tmp_path: Path) -> None:
+    code, report, err = cli("restore", "vm", "--config", str(bed.config), "--vm", "dev-01", "--name", "dev-01-twin",
+                            "--keep-identity", "--power-on", "--json")
+    assert code == 0, err + json.dumps(report)[:1500]
+    now = bed.vms()
+    configs = _config(bed, [now["dev-01-twin"].moref, now["dev-01"].moref])
+    new, old = configs[now["dev-01-twin"].moref], configs[now["dev-01"].moref]
+    assert new["runtime.powerState"] == "poweredOn"
+    assert (new["config"].uuid, new["config"].instanceUuid) == (old["config"].uuid, old["config"].instanceUuid)
+    assert [n.macAddress for n in _devices(new["config"])[1]] == [n.macAddress for n in _devices(old["config"])[1]]
+
+    job = report["job_id"]
+    code, jobs, _ = cli("jobs", "--config", str(bed.config), "--json")
+    assert {"id": job, "kind": "restore", "status": "complete"}.items() <= next(j for j in jobs
+                                                                                  if j["id"] == job).items()
+    code, one, _ = cli("jobs", "--config", str(bed.config), "--job", job, "--json")
+    assert code == 0 and [a["status"] for a in one["attempts"]] == ["done"]
+    assert one["attempts"][0]["point"] == report["restores"]["dev-01-twin"]["point"]
+    code, drawn, err = cli("report", "--config", str(bed.config), "--job", job, "--html", str(tmp_path / "r.html"),
+                           "--json")
+    assert code == 0 and drawn["streams"] >= 1, err
+
+
+def test_too_little_space_on_the_target_datastore_is_refused_before_anything(bed: Bed) -> None:
+    point = bed.repo.latest("db-01")
+    assert point is not None
+    with vcenter(read_config(str(bed.config))) as found:
+        inventory = found.inventory
+    target = point.vm_config.disks[0].datastore if point.vm_config else ""
+    tight = dataclasses.replace(inventory, datastores=tuple(
+        dataclasses.replace(d, free_bytes=BLOCK) if d.name == target else d for d in inventory.datastores))
+    with pytest.raises(BadJob, match=rf"--datastore: {target} has 4\.0 MiB free; restoring db-01 needs"):
+        plan_restores([point], RestoreOptions(), tight)

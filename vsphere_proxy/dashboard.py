@@ -3,8 +3,9 @@
 Three GET routes on one Starlette app: `/` a self-contained page (jobs, progress of running jobs, one live lane
 per proxy with the VMs it backs up now, proxy and datastore streams) that re-renders itself from `/api/state`
 every 2 s; `/api/state` the same data as JSON; `/metrics` the Prometheus text of a private registry. Everything
-is read from the catalog and, when given, the Redis ledger (which alone knows streams per datastore); nothing is
-ever written. With a token, every request must carry it (`Authorization: Bearer …` or `?token=…`).
+is read from the catalog and, when given, the ledger (Redis, or the embedded jobs' SQLite file; it alone knows
+streams per datastore); nothing is ever written. With a token, every request must carry it
+(`Authorization: Bearer …` or `?token=…`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vsphere_proxy.catalog import Catalog, now
-from vsphere_proxy.ledger_redis import RedisLedger
+from vsphere_proxy.ledger import Ledger
+from vsphere_proxy.ledger_sqlite import LedgerUnavailable
 
 JOBS_SHOWN = 50  # the newest jobs on the page and in /api/state
 EVERY_JOB = 1_000_000  # metrics count every job of the catalog
@@ -44,7 +46,7 @@ REFRESH_MS = 2000
 # --- the state: what the page, /api/state and the stream gauges show ------------------------------------------
 
 
-def read_state(catalog: Catalog, ledger: RedisLedger | None = None, limits: dict[str, int] | None = None,
+def read_state(catalog: Catalog, ledger: Ledger | None = None, limits: dict[str, int] | None = None,
                *, jobs: int = JOBS_SHOWN) -> dict[str, Any]:
     """Jobs (newest first), progress of the running ones, their running VMs laid out per proxy, and active
     streams per proxy and per datastore (from the ledger when given, else the running VMs of the catalog)."""
@@ -63,7 +65,7 @@ def read_state(catalog: Catalog, ledger: RedisLedger | None = None, limits: dict
             progress[job.id] = {"done": where["done"], "total": len(states), "running": where["running"]}
             running += [{"proxy": s.proxy, "job": job.id, "vm": s.vm, "mode": s.mode, "round": s.round,
                          "attempts": s.attempts} for s in states.values() if s.status == "running" and s.proxy]
-        shown.append({"id": job.id, "name": job.name, "engine": job.engine, "status": job.status,
+        shown.append({"id": job.id, "name": job.name, "kind": job.kind, "engine": job.engine, "status": job.status,
                       "started": _utc(job.started).isoformat(),
                       "ended": _utc(job.ended).isoformat() if job.ended else None,
                       "rounds": job.rounds, "counts": counts})
@@ -73,7 +75,7 @@ def read_state(catalog: Catalog, ledger: RedisLedger | None = None, limits: dict
     if ledger is not None:
         try:
             streams = ledger.streams()
-        except redis.RedisError as e:
+        except (redis.RedisError, LedgerUnavailable) as e:
             error = f"ledger unreachable ({type(e).__name__}); streams counted from the catalog's running VMs"
         else:
             source = "ledger"
@@ -135,7 +137,7 @@ class _Totals:
 class FleetCollector(Collector):
     """Read at every scrape: streams per proxy and datastore, proxies' limits, bytes, attempts and jobs."""
 
-    def __init__(self, catalog: Catalog, ledger: RedisLedger | None, limits: dict[str, int] | None,
+    def __init__(self, catalog: Catalog, ledger: Ledger | None, limits: dict[str, int] | None,
                  clock: Callable[[], datetime] = now) -> None:
         self.catalog, self.ledger, self.limits = catalog, ledger, limits or {}
         self.totals = _Totals(clock)
@@ -158,7 +160,7 @@ class FleetCollector(Collector):
             datastores.add_metric([name], n)
         yield from (active, limit, datastores)
         if self.ledger is not None:
-            yield GaugeMetricFamily("vsphere_proxy_ledger_up", "1 when the Redis ledger answered this scrape",
+            yield GaugeMetricFamily("vsphere_proxy_ledger_up", "1 when the ledger answered this scrape",
                                     value=1 if state["streams_from"] == "ledger" else 0)
         read, written, results, jobs = self.totals.read(self.catalog)
         yield CounterMetricFamily("vsphere_proxy_bytes_read", "Bytes read from VM disks by every attempt in the "
@@ -402,7 +404,7 @@ def _catalog_down(_request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"503: catalog unavailable ({type(exc).__name__})\n", 503)
 
 
-def make_app(catalog_url: str, *, ledger: RedisLedger | None = None, limits: dict[str, int] | None = None,
+def make_app(catalog_url: str, *, ledger: Ledger | None = None, limits: dict[str, int] | None = None,
              token: str | None = None) -> Starlette:
     """The dashboard over the catalog at `catalog_url` (opened once, closed when the app shuts down)."""
     catalog = Catalog.open(catalog_url)

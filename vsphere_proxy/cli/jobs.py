@@ -1,4 +1,4 @@
-"""`vsphere-proxy jobs`: the catalog's backup jobs, newest first, or one job's attempts VM by VM."""
+"""`vsphere-proxy jobs`: the catalog's backup and restore jobs, newest first, or one job's attempts VM by VM."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from vsphere_proxy.cli.common import (
     read_config,
 )
 
-HELP = "list backup jobs from the catalog, or where one job's VMs stand and its attempts"
+HELP = "list backup and restore jobs from the catalog, or where one job's VMs stand and its attempts"
 
 
 def build_parser(sub: Any) -> None:
@@ -48,12 +48,13 @@ def do_jobs(args: argparse.Namespace) -> int:
             states = [{"vm": st.vm, "status": st.status, "round": st.round, "attempts": st.attempts,
                        "proxy": st.proxy, "mode": st.mode, "error": st.error}
                       for st in catalog.states(args.job).values()]
-            data: Any = {"id": job.id, "name": job.name, "status": job.status, "engine": job.engine,
+            data: Any = {"id": job.id, "name": job.name, "kind": job.kind, "status": job.status, "engine": job.engine,
                          "rounds": job.rounds, "started": job.started.isoformat(),
                          "ended": job.ended.isoformat() if job.ended else None, "roles": roles, "vms": states,
                          "attempts": rows}
         else:
-            data = [{"id": j.id, "name": j.name, "status": j.status, "engine": j.engine, "rounds": j.rounds,
+            data = [{"id": j.id, "name": j.name, "kind": j.kind, "status": j.status, "engine": j.engine,
+                     "rounds": j.rounds,
                      "started": j.started.isoformat(), "ended": j.ended.isoformat() if j.ended else None,
                      "counts": (j.summary or {}).get("counts", {})} for j in catalog.jobs(args.limit)]
     finally:
@@ -76,9 +77,9 @@ def do_jobs(args: argparse.Namespace) -> int:
                           r["status"], str(r["bytes_read"]), str(r["bytes_written"]), str(r["seconds"]),
                           r["error"] or r["point"] or "")
     else:
-        table = Table("job", "status", "rounds", "started (UTC)", "VMs", title="Backup jobs")
+        table = Table("job", "kind", "status", "rounds", "started (UTC)", "VMs", title="Jobs")
         for j in data:
-            table.add_row(j["id"], j["status"], str(j["rounds"]), j["started"][:19],
+            table.add_row(j["id"], j["kind"], j["status"], str(j["rounds"]), j["started"][:19],
                           ", ".join(f"{n} {s}" for s, n in sorted(j["counts"].items())))
     out.print(table)
     return EXIT_OK

@@ -1,5 +1,6 @@
 """`vsphere-proxy serve`: the read-only dashboard (jobs, progress, live lanes per proxy, streams per proxy and
-datastore) and Prometheus metrics at /metrics, over the catalog and, with `distributed:`, the Redis ledger.
+datastore) and Prometheus metrics at /metrics, over the catalog and the ledger (Redis with `distributed:`, else
+the embedded jobs' file).
 
 It listens on loopback by default. Any other address needs a token that every client must send; the
 configuration's `dashboard` section says where it comes from (a file readable by its owner only, or an environment
@@ -112,6 +113,13 @@ def do_serve(args: argparse.Namespace) -> int:
             client, ledger = redis_client(config.distributed)
         except JobError as e:
             raise job_failure(e) from None
+    elif config.repository.ledger_path().exists():  # the embedded jobs' streams, backups and restores alike
+        from vsphere_proxy.ledger_sqlite import LedgerUnavailable, SqliteLedger
+
+        try:
+            ledger = SqliteLedger(config.repository.ledger_path())
+        except LedgerUnavailable as e:
+            raise CommandError(f"repository.ledger: {e}", EXIT_BAD_INPUT) from None
     try:
         try:
             app = make_app(config.repository.catalog_target(), ledger=ledger, limits=physical_limits(config),
