@@ -57,7 +57,8 @@ def _testbed(args: argparse.Namespace) -> Iterator[tuple[Vcsim, Path, str]]:
 
 def demo(args: argparse.Namespace) -> int:
     """Run the product against the testbed: what vCenter holds, the plan, a backup of every VM, a restore of one
-    disk checked against the image the testbed wrote, a verify of the repository, the job in the catalog."""
+    disk checked against the image the testbed wrote, the same VM restored into vCenter as a new VM (its NICs moved
+    to another network), a verify of the repository, the jobs in the catalog."""
     with _testbed(args) as (sim, config, _password):
         topology = topo.load(args.topology.resolve())
         disk = next(d for d in topo.disks(topology, sim.datastores, args.disk_scale) if d.vm == "db-01")
@@ -68,6 +69,10 @@ def demo(args: argparse.Namespace) -> int:
             (["plan"], {0}),
             (["backup"], {0, 3}),
             (["restore", "disk", "--vm", disk.vm, "--disk", str(disk.index), "--to", str(restored), "--force"], {0}),
+            (["restore", "vm", "--vm", disk.vm, "--name", f"{disk.vm}-restored", "--network-map", "Prod-Net=DR-Net",
+              "--dry-run"], {0}),
+            (["restore", "vm", "--vm", disk.vm, "--name", f"{disk.vm}-restored", "--network-map", "Prod-Net=DR-Net",
+              "--power-on"], {0}),
             (["verify"], {0}),
             (["jobs"], {0}),
         ]
@@ -81,7 +86,11 @@ def demo(args: argparse.Namespace) -> int:
         got = sha256_file(restored)
         same = "equals" if got == expected else "DIFFERS FROM"
         print(f"\nrestored {disk.vm} disk {disk.index}: sha256 {got} {same} the source image's")
-        return 0 if got == expected else 1
+        new_vm = sim.datastores[disk.datastore] / f"{disk.vm}-restored" / f"{disk.vm}-restored-flat.vmdk"
+        vm_same = new_vm.is_file() and sha256_file(new_vm) == expected
+        print(f"restored VM {disk.vm}-restored: its disk {disk.index} in datastore {disk.datastore} "
+              f"{'equals' if vm_same else 'DIFFERS FROM'} the source image")
+        return 0 if got == expected and vm_same else 1
 
 
 def serve(args: argparse.Namespace) -> int:
