@@ -19,9 +19,8 @@ from vsphere_proxy.model import VM, Inventory, Proxy
 from vsphere_proxy.transports import DiskSource
 
 if TYPE_CHECKING:
-    from vsphere_proxy.transports.write import WriteTransport
-
     from vsphere_proxy.jobs.restore_plan import RestorePlan, VmRestorePlan
+    from vsphere_proxy.transports.write import WriteTransport
 
 __all__ = ["CreatedVm", "Restorer", "Swept", "VCenterBackend"]
 
