@@ -97,6 +97,18 @@ def new_controller(devices: Sequence[Any], key: int = -100) -> vim.vm.device.Par
     return vim.vm.device.ParaVirtualSCSIController(key=key, busNumber=bus, sharedBus="noSharing")
 
 
+def place_disk(devices: Sequence[Any]) -> tuple[list[Any], tuple[int, int]] | None:
+    """Where a disk added to a VM goes: (the device changes a new controller needs, (controller key, unit)) — the
+    first free SCSI unit, else unit 0 of a new paravirtual controller; None when every bus is taken."""
+    slot = free_slot(devices)
+    if slot is not None:
+        return [], slot
+    ctrl = new_controller(devices)
+    if ctrl is None:
+        return None
+    return [vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl)], (ctrl.key, 0)
+
+
 def _file(device: Any) -> str:
     return str(getattr(device.backing, "fileName", "") or "")
 
@@ -179,14 +191,10 @@ def attach_disk(
         host, mounted = host_datastores(session, props["runtime.host"])
         if datastore not in mounted:
             raise VSphereError(f"{what}: its host {host} does not mount datastore {datastore!r}")
-        changes = []
-        slot = free_slot(devices)
-        if slot is None:
-            ctrl = new_controller(devices)
-            if ctrl is None:
-                raise VSphereError(f"{what}: every unit of its {SCSI_BUSES} SCSI controllers is taken")
-            changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl))
-            slot = (ctrl.key, 0)
+        placed = place_disk(devices)
+        if placed is None:
+            raise VSphereError(f"{what}: every unit of its {SCSI_BUSES} SCSI controllers is taken")
+        changes, slot = placed
         disk = vim.vm.device.VirtualDisk(
             key=-101, controllerKey=slot[0], unitNumber=slot[1],
             capacityInKB=capacity_bytes // 1024, capacityInBytes=capacity_bytes,

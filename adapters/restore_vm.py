@@ -22,7 +22,7 @@ from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
 
 from adapters.backup import ProxyAccess
 from adapters.errors import VSphereError
-from adapters.hotadd import free_slot, new_controller
+from adapters.hotadd import place_disk
 from adapters.hotadd_transport import HotAddWriter
 from adapters.nbd import folder_url, session_cookie
 from adapters.nbd_write import NbdWriter
@@ -225,14 +225,10 @@ class VSphereRestorer:
         controller when every one is full)."""
         vm = managed(self.session, vim.VirtualMachine, plan.target.moref)
         devices = read_one(self.session, vm, ["config.hardware.device"]).get("config.hardware.device") or []
-        changes: list[Any] = []
-        slot = free_slot(devices)
-        if slot is None:
-            ctrl = new_controller(devices)
-            if ctrl is None:
-                raise BadJob(f"--to-vm: every unit of {plan.target.name}'s SCSI controllers is taken")
-            changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl))
-            slot = (ctrl.key, 0)
+        placed = place_disk(devices)
+        if placed is None:
+            raise BadJob(f"--to-vm: every unit of {plan.target.name}'s SCSI controllers is taken")
+        changes, slot = placed
         d = plan.disk
         backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
             fileName=f"[{d.datastore}]", diskMode="persistent", thinProvisioned=d.provisioning == "thin",

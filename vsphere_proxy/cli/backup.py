@@ -22,6 +22,7 @@ from vsphere_proxy.cli.common import (
     line,
     open_catalog,
     open_repository,
+    print_job_end,
     read_config,
     repository_failure,
     styled,
@@ -108,18 +109,13 @@ def print_report(report: BackupReport) -> None:
             out.print(line(styled(v.vm, "red"), f": {v.error}"), soft_wrap=True)
         for note in v.notes:
             out.print(f"{v.vm}: {note}", soft_wrap=True)
-    for what, items in (("removed left-behind snapshots", data["swept"]["snapshots"]),
-                        ("detached left-behind disks", data["swept"]["attached_disks"]),
-                        (styled("cleanup errors", "red"), data["swept"]["errors"]),
-                        (styled("left behind (the next job's sweep removes them)", "red"), data["left_behind"]),
-                        (styled("job errors", "red"), data["problems"])):
-        if items:
-            out.print(line(what, f": {', '.join(items)}"), soft_wrap=True)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items()))
-    modes = ", ".join(f"{n} {m}" for m, n in data["modes"].items()) or "none"
-    out.print(line(styled(report.status, "bold"), f": {counts}; by mode: {modes}; rounds {data['rounds']}; "
-                   f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}"),
-              soft_wrap=True)
+    print_job_end(report.status, data, (
+        ("removed left-behind snapshots", data["swept"]["snapshots"]),
+        ("detached left-behind disks", data["swept"]["attached_disks"]),
+        (styled("cleanup errors", "red"), data["swept"]["errors"]),
+        (styled("left behind (the next job's sweep removes them)", "red"), data["left_behind"]),
+        (styled("job errors", "red"), data["problems"])),
+        f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}")
 
 
 def do_backup(args: argparse.Namespace) -> int:

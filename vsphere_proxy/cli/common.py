@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,3 +165,17 @@ def styled(text: object, style: str = "") -> Text:
 def line(*parts: str | Text) -> Text:
     """One line from literal strings and `styled` pieces: `line(styled(name, "bold"), ": ", summary)`."""
     return Text.assemble(*parts)
+
+
+def print_job_end(status: str, data: dict[str, Any], lists: Sequence[tuple[str | Text, Sequence[str]]],
+                  moved: str) -> None:
+    """A job report's last lines: each non-empty list (what was swept, left behind, the job's errors), then the
+    status with the VMs' counts, the modes, the rounds and what was `moved`."""
+    out = console()
+    for what, items in lists:
+        if items:
+            out.print(line(what, f": {', '.join(items)}"), soft_wrap=True)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items()))
+    modes = ", ".join(f"{n} {m}" for m, n in data["modes"].items()) or "none"
+    out.print(line(styled(status, "bold"), f": {counts}; by mode: {modes}; rounds {data['rounds']}; {moved}"),
+              soft_wrap=True)

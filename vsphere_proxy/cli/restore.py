@@ -32,6 +32,7 @@ from vsphere_proxy.cli.common import (
     line,
     open_catalog,
     open_repository,
+    print_job_end,
     read_config,
     repository_failure,
     styled,
@@ -181,14 +182,9 @@ def print_restore(report: BackupReport, names: dict[str, dict[str, str]]) -> Non
             out.print(line(styled(v.vm, "red"), f": {v.error}"), soft_wrap=True)
         for note in v.notes:
             out.print(f"{v.vm}: {note}", soft_wrap=True)
-    for what, items in ((styled("left behind", "red"), data["left_behind"]),
-                        (styled("job errors", "red"), data["problems"])):
-        if items:
-            out.print(line(what, f": {', '.join(items)}"), soft_wrap=True)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items()))
-    modes = ", ".join(f"{n} {m}" for m, n in data["modes"].items()) or "none"
-    out.print(line(styled(report.status, "bold"), f": {counts}; by mode: {modes}; rounds {data['rounds']}; "
-                   f"written {human_size(data['bytes_read'])}"), soft_wrap=True)
+    print_job_end(report.status, data, ((styled("left behind", "red"), data["left_behind"]),
+                                        (styled("job errors", "red"), data["problems"])),
+                  f"written {human_size(data['bytes_read'])}")
 
 
 def print_dry_run(data: dict[str, Any]) -> None:

@@ -83,7 +83,17 @@ class LocalDisk:
         self._fd = None
 
 
-class FileTransport:
+def local_flat(paths: Mapping[str, Path], disk: DiskSource, mode: str) -> Path:
+    """The disk's flat extent under the proxy's mount of its datastore (`paths`: datastore -> mount point)."""
+    root = paths.get(disk.datastore)
+    if root is None:
+        raise TransportError(f"{disk}: {mode}: datastore {disk.datastore} is not mounted on this proxy")
+    return Path(root) / disk.flat
+
+
+class MountedDatastores:
+    """What the san and direct-nfs transports share: the mode, the proxy's datastore mounts, the open disk."""
+
     def __init__(self, mode: str, paths: Mapping[str, Path]) -> None:
         if mode not in ("san", "direct-nfs"):
             raise ValueError(f"mode: must be san or direct-nfs (got {mode!r})")
@@ -91,12 +101,12 @@ class FileTransport:
         self._paths = dict(paths)
         self._file: LocalDisk | None = None
 
+
+class FileTransport(MountedDatastores):
+
     def open(self, disk: DiskSource) -> None:
         self.close()
-        root = self._paths.get(disk.datastore)
-        if root is None:
-            raise TransportError(f"{disk}: {self.mode}: datastore {disk.datastore} is not mounted on this proxy")
-        path = Path(root) / disk.flat
+        path = local_flat(self._paths, disk, self.mode)
         self._file = LocalDisk(path, disk, self.mode)
         size = self._file.size()
         if size < disk.capacity:

@@ -9,12 +9,10 @@ transport holds is released and nothing pretends the disk is whole. `FileWriter`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Protocol, Self
 
 from vsphere_proxy.transports.base import DiskSource, TransportError
-from vsphere_proxy.transports.file import LocalDisk
+from vsphere_proxy.transports.file import LocalDisk, MountedDatastores, local_flat
 
 
 class WriteTransport(Protocol):
@@ -33,23 +31,13 @@ class WriteTransport(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-class FileWriter:
+class FileWriter(MountedDatastores):
     """`san` and `direct-nfs`: the proxy writes the new disk's flat extent itself, through its datastore -> path
     map (vCenter created the file, empty; it is sized to the disk without writing, so holes stay holes)."""
 
-    def __init__(self, mode: str, paths: Mapping[str, Path]) -> None:
-        if mode not in ("san", "direct-nfs"):
-            raise ValueError(f"mode: must be san or direct-nfs (got {mode!r})")
-        self.mode = mode
-        self._paths = dict(paths)
-        self._file: LocalDisk | None = None
-
     def open(self, disk: DiskSource) -> None:
         self.close(False)
-        root = self._paths.get(disk.datastore)
-        if root is None:
-            raise TransportError(f"{disk}: {self.mode}: datastore {disk.datastore} is not mounted on this proxy")
-        path = Path(root) / disk.flat
+        path = local_flat(self._paths, disk, self.mode)
         if not path.is_file() or path.is_symlink():
             raise TransportError(f"{disk}: {self.mode}: {path} is not the disk's flat file (vCenter creates it)")
         self._file = LocalDisk(path, disk, self.mode, writable=True)
