@@ -13,6 +13,7 @@ Faults, injected through attributes a test may change between runs (nothing is p
   the snapshot stays in `present`);
 - `read_fails(vm, offset)`, `hang` / `hang_on`: the transports' faults (see `vsphere_proxy.transports.fake`);
 - `unresponsive`: `discover` raises `vsphere_proxy.faults.Unresponsive`.
+Restores go through `FakeRestorer` (`restorer`): created VMs in `restored`, their disks in `written`.
 `changed_areas` raises `ChangesUnavailable("fake: no change tracking")` unless `areas` holds the disk's file.
 A snapshot's `saved()` is a `VmConfig` built from the in-memory VM (`fake_vm_config`: a ConfigInfo of the shape
 pyVmomi's encoder writes, with its controllers and thin disks) and a deterministic NVRAM file (`fake_nvram`).
@@ -33,7 +34,8 @@ from typing import Any
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.attempt import ChangesUnavailable, SavedVm, SnapshotDiskInfo
 from vsphere_proxy.faults import Unresponsive
-from vsphere_proxy.jobs.backend import Swept
+from vsphere_proxy.jobs.backend import CreatedVm, Swept
+from vsphere_proxy.jobs.fake_restorer import FakeRestorer
 from vsphere_proxy.model import (
     VM,
     Cluster,
@@ -230,6 +232,16 @@ class FakeBackend:
         self.removed: list[SnapshotRecord] = []  # by a release or a sweep, in order
         self.creations: Counter[str] = Counter()  # VM name -> snapshot creations asked (failed ones included)
         self.discoveries = 0
+        # restores (`vsphere_proxy.jobs.fake_restorer`): the VMs created and their disks, and the faults
+        self.restored: dict[str, CreatedVm] = {}
+        self.written: dict[str, bytearray] = {}
+        self.nvram_put: dict[str, bytes] = {}
+        self.renamed: dict[str, str] = {}
+        self.write_fails: Rule | None = None
+        self.create_fails: set[str] = set()
+        self.remove_fails: set[str] = set()
+        self.lock = threading.Lock()
+        self.seq = 0
         self._present: list[SnapshotRecord] = []
         self._lock = threading.Lock()
         self._seq = 0
@@ -308,6 +320,9 @@ class FakeBackend:
             else:
                 removed.append(str(snap))
         return Swept(snapshots=tuple(removed), errors=tuple(errors))
+
+    def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> FakeRestorer:
+        return FakeRestorer(self, job_id)
 
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
                     quiesce: bool) -> FakeSnapshotter:

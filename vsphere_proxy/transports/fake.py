@@ -107,3 +107,42 @@ class FakeTransport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FakeWriter:
+    """Writes disks into `disks` ({"[datastore] vm/vm.vmdk": bytearray of the disk's capacity}), in any write
+    mode, for tests; `fail(vm, offset)` makes a write raise. `written` lists the offsets written, per disk file."""
+
+    def __init__(self, mode: str, disks: dict[str, bytearray], *, fail: Rule | None = None) -> None:
+        if mode not in MODES:
+            raise TransportError(f"unknown write mode {mode!r}")
+        self.mode = mode
+        self.disks = disks
+        self.fail = fail
+        self.written: dict[str, list[int]] = {}
+        self._disk: DiskSource | None = None
+
+    def open(self, disk: DiskSource) -> None:
+        if disk.file not in self.disks:
+            raise TransportError(f"{disk}: {self.mode}: no such disk file {disk.file} (the VM was not created)")
+        self._disk = disk
+
+    def write_block(self, offset: int, data: bytes) -> None:
+        disk = self._disk
+        if disk is None:
+            raise TransportError(f"{self.mode}: write before open (or after close)")
+        if offset < 0 or offset + len(data) > disk.capacity:
+            raise TransportError(f"{disk}: {self.mode}: write of {len(data)} bytes at {offset} is outside the disk")
+        if self.fail is not None and self.fail(disk.vm, offset):
+            raise TransportError(f"{disk}: {self.mode}: injected write failure of {disk.vm} at offset {offset}")
+        self.disks[disk.file][offset:offset + len(data)] = data
+        self.written.setdefault(disk.file, []).append(offset)
+
+    def close(self, complete: bool = True) -> None:
+        self._disk = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(False)

@@ -1,0 +1,97 @@
+"""The restore job runner (`vsphere_proxy.jobs.restore.RestoreRun`) on the in-memory `FakeBackend`, a real
+repository and a real SQLite catalog: restored disks equal their source bit for bit with holes never written, a
+VM whose write fails is removed and tried again in the next round, one that fails in every round leaves nothing,
+and the job's streams never exceed a proxy's limit in the ledger they share with a backup."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_jobs_backup import config_for
+from vsphere_proxy.catalog import Catalog
+from vsphere_proxy.jobs.backup import BackupRun
+from vsphere_proxy.jobs.errors import BadJob
+from vsphere_proxy.jobs.fake_backend import FakeBackend
+from vsphere_proxy.jobs.restore import RestoreRun
+from vsphere_proxy.jobs.restore_plan import RestoreOptions
+from vsphere_proxy.ledger import InMemoryLedger
+from vsphere_proxy.repository import Repository
+from vsphere_proxy.transports import BLOCK
+
+
+@pytest.fixture
+def backed(tmp_path: Path) -> Iterator[tuple[FakeBackend, Repository, Catalog]]:
+    backend = FakeBackend.build(vms=4, disks=(2 * BLOCK + 4096, BLOCK), datastores=("ds-1", "ds-2"))
+    first = next(iter(backend.contents))  # a disk with a hole: its second block all zeros
+    data = bytearray(backend.contents[first])
+    data[BLOCK:2 * BLOCK] = bytes(BLOCK)
+    backend.contents[first] = bytes(data)
+    repo = Repository.init(tmp_path / "repo")
+    catalog = Catalog.open(tmp_path / "catalog.sqlite")
+    report = BackupRun(config_for(backend, repo), backend, repo, catalog, ledger=InMemoryLedger()).run()
+    assert report.status == "complete"
+    yield backend, repo, catalog
+    catalog.close()
+
+
+def restore(backend: FakeBackend, repo: Repository, catalog: Catalog, vms: list[str],
+            options: RestoreOptions | None = None) -> tuple[RestoreRun, object]:
+    points = [p for p in (repo.latest(v) for v in vms) if p is not None]
+    run = RestoreRun.vms(config_for(backend, repo), backend, repo, catalog, points, options or RestoreOptions(),
+                         ledger=InMemoryLedger())
+    return run, run.run()
+
+
+def test_every_disk_comes_back_bit_for_bit_and_holes_are_never_written(backed: tuple) -> None:
+    backend, repo, catalog = backed
+    run, report = restore(backend, repo, catalog, ["vm-01", "vm-02", "vm-03", "vm-04"])
+    assert report.status == "complete"  # type: ignore[attr-defined]
+    for plan in run.plans:
+        created = backend.restored[plan.create_as]
+        source = backend.vm(plan.source)
+        for index, disk in created.disks.items():
+            image = backend.contents[source.disks[index].file]  # a fake disk reads zeros past its contents
+            assert bytes(backend.written[disk.file]) == image + bytes(disk.capacity - len(image))
+    assert backend.nvram_put.keys() == {p.create_as for p in run.plans}, "every VM got its NVRAM back"
+    assert catalog.job(run.job_id).kind == "restore"  # type: ignore[union-attr]
+
+
+def test_a_failed_write_removes_the_vm_and_the_next_round_restores_it(backed: tuple) -> None:
+    backend, repo, catalog = backed
+    failed: set[str] = set()
+
+    def once(vm: str, offset: int) -> bool:
+        if offset == 0 and vm not in failed:
+            failed.add(vm)
+            return True
+        return False
+
+    backend.write_fails = once
+    _, report = restore(backend, repo, catalog, ["vm-01"], RestoreOptions(name="vm-01-again"))
+    assert report.status == "complete", report.to_json()  # type: ignore[attr-defined]
+    [line] = report.vms  # type: ignore[attr-defined]
+    assert line.attempts == 2 and line.round == 2
+    assert "vm-01-again" in backend.restored and len(backend.restored) == 1
+
+
+def test_a_vm_failing_in_every_round_leaves_nothing(backed: tuple) -> None:
+    backend, repo, catalog = backed
+    backend.write_fails = lambda vm, offset: True
+    _, report = restore(backend, repo, catalog, ["vm-02"], RestoreOptions(name="doomed"))
+    assert report.status == "failed"  # type: ignore[attr-defined]
+    [line] = report.vms  # type: ignore[attr-defined]
+    assert "injected write failure" in line.error
+    assert any("were removed" in n for n in line.notes)
+    assert backend.restored == {} and not any("doomed" in f for f in backend.written)
+
+
+def test_bad_input_creates_nothing(backed: tuple) -> None:
+    backend, repo, catalog = backed
+    with pytest.raises(BadJob, match="--name: a VM named 'vm-02' already exists"):
+        restore(backend, repo, catalog, ["vm-01"], RestoreOptions(name="vm-02"))
+    with pytest.raises(BadJob, match="--datastore: no datastore 'ds-9'"):
+        restore(backend, repo, catalog, ["vm-01"], RestoreOptions(datastore="ds-9"))
+    assert backend.restored == {}
