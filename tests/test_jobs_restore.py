@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from testbed.redis_server import RedisServer
 from tests.test_jobs_backup import config_for
 from vsphere_proxy.catalog import Catalog
+from vsphere_proxy.config import DistributedConfig
 from vsphere_proxy.jobs.backup import BackupRun
 from vsphere_proxy.jobs.errors import BadJob
 from vsphere_proxy.jobs.fake_backend import FakeBackend
 from vsphere_proxy.jobs.restore import RestoreRun
 from vsphere_proxy.jobs.restore_plan import RestoreOptions
 from vsphere_proxy.ledger import InMemoryLedger
+from vsphere_proxy.ledger_redis import RedisLedger
 from vsphere_proxy.repository import Repository
 from vsphere_proxy.transports import BLOCK
 
@@ -95,3 +98,32 @@ def test_bad_input_creates_nothing(backed: tuple) -> None:
     with pytest.raises(BadJob, match="--datastore: no datastore 'ds-9'"):
         restore(backend, repo, catalog, ["vm-01"], RestoreOptions(datastore="ds-9"))
     assert backend.restored == {}
+
+
+def test_with_a_distributed_fleet_a_restore_takes_its_streams_in_redis(backed: tuple, tmp_path: Path) -> None:
+    backend, repo, catalog = backed
+    with RedisServer.start() as server:
+        config = config_for(backend, repo)
+        config = config.model_copy(update={"distributed": DistributedConfig(broker=server.url)})
+        held: list[str] = []
+        ledger = RedisLedger(server.client(), ttl=config.distributed.lease_seconds)  # type: ignore[union-attr]
+        real = backend.restorer
+
+        def watching(*args: object) -> object:
+            restorer = real(*args)  # type: ignore[arg-type]
+            create = restorer.create
+
+            def created(plan: object) -> object:
+                held.extend(s.job for s in ledger.streams())  # the VM's first stream is in Redis by now
+                return create(plan)  # type: ignore[arg-type]
+
+            restorer.create = created  # type: ignore[method-assign]
+            return restorer
+
+        backend.restorer = watching  # type: ignore[method-assign]
+        point = repo.latest("vm-03")
+        assert point is not None
+        run = RestoreRun.vms(config, backend, repo, catalog, [point], RestoreOptions())
+        assert run.run().status == "complete"
+        assert set(held) == {run.job_id}, "the restore's stream was in the fleet's Redis ledger"
+        assert ledger.streams() == () and ledger.releases() >= 1

@@ -35,6 +35,7 @@ from vsphere_proxy.engine.session import Finished
 from vsphere_proxy.faults import JobFault
 from vsphere_proxy.jobs.backend import CreatedVm, Restorer, VCenterBackend
 from vsphere_proxy.jobs.errors import BadJob, JobFailed
+from vsphere_proxy.jobs.fleet import redis_client
 from vsphere_proxy.jobs.recorder import AttemptEnds, CatalogRecorder, record_states
 from vsphere_proxy.jobs.restore_plan import (
     RestoreOptions,
@@ -166,8 +167,8 @@ class DryRun:
 
 class RestoreRun:
     """One restore job: `plan(inventory)` says what to restore where (`vms` and `disk` make it from what the
-    admin asked). `ledger`: the ledger shared with the other jobs (default: `repository.ledger`, the file the
-    host's embedded jobs share).
+    admin asked). `ledger`: the ledger shared with the other jobs (default: the Redis ledger with `distributed:`,
+    else `repository.ledger`, the file the host's embedded jobs share).
     """
 
     def __init__(self, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog,
@@ -251,11 +252,23 @@ class RestoreRun:
                 with contextlib.suppress(Exception):
                     catalog.end_lease(job_id)
 
+    def _ledger(self) -> tuple[Ledger, Callable[[Coordinator], object] | None]:
+        """The ledger the job takes its streams in, and how its leases are renewed (when they expire): the one
+        given; with `distributed:`, the Redis ledger the Celery proxies' backups use (so a restore counts against
+        the same system-wide limits); else the host's shared file (`repository.ledger`)."""
+        if self.ledger is not None:
+            return self.ledger, None
+        if self.config.distributed is not None:
+            _, redis_ledger = redis_client(self.config.distributed)
+            return redis_ledger, lambda c: redis_ledger.renew_streams([s for s, _, _ in c.running()])
+        return job_ledger(self.config), None
+
     def _leased(self, plans: list[RestorePlan], job: Job, restorer: Restorer, holder: str,
                 observer: JobObserver) -> BackupReport:
         config, catalog, job_id = self.config, self.catalog, self.job_id
         policy = config.job.policy
-        coordinator = Coordinator(job, self.ledger or job_ledger(config))
+        ledger, renews = self._ledger()
+        coordinator = Coordinator(job, ledger)
         catalog.start_job(job_id, RESTORE_JOB, engine="embedded", policy=policy.model_dump(mode="json"),
                           coordinator=f"embedded@{platform.node()}", controllers=[p.name for p in job.proxies],
                           summary={"kind": "restore", "stream_limits": dict(coordinator.limits),
@@ -269,7 +282,10 @@ class RestoreRun:
         recorder = CatalogRecorder(catalog, job, {}, attempts=True)
         engine = EmbeddedEngine(RestorePreparer({p.create_as: p for p in plans}, restorer, self.repository),
                                 stall_seconds=policy.stall_seconds, throttle=throttles(config))
-        with keeper, self.backend.keep_alive():
+        ttl = config.distributed.lease_seconds if config.distributed else policy.lease_seconds
+        streams = LeaseKeeper(lambda: bool(renews(coordinator)) or True, every=ttl / 3, lease_seconds=ttl,
+                              on_lost=lambda why: None) if renews else contextlib.nullcontext()
+        with keeper, streams, self.backend.keep_alive():
             self.control.attach(engine)
             job_report = engine.run(coordinator, Observers(ends, recorder, observer))
         problems = []
