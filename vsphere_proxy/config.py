@@ -231,7 +231,7 @@ class RepositoryConfig(_Strict):
     path: Path
     catalog: str | None = None  # SQLAlchemy URL or SQLite file; default: catalog.sqlite beside the repository
     # the embedded engine's stream ledger, shared by every job of this host naming the same file (jobs that share
-    # proxies must share it); default: ledger.sqlite beside the repository
+    # proxies must share it); default: beside the SQLite catalog, or in the state directory (`ledger_path`)
     ledger: Path | None = None
 
     @field_validator("path")
@@ -252,7 +252,25 @@ class RepositoryConfig(_Strict):
         return self.catalog or str(self.path.parent / f"{self.path.name}.catalog.sqlite")
 
     def ledger_path(self) -> Path:
-        return self.ledger or self.path.parent / f"{self.path.name}.ledger.sqlite"
+        """`ledger`; else beside the SQLite catalog (`<repository>.ledger.sqlite` beside the default one,
+        `ledger.sqlite` beside a named one); else, the catalog on a server, `ledger.sqlite` in `state_home()`."""
+        if self.ledger is not None:
+            return self.ledger
+        if self.catalog is None:
+            return self.path.parent / f"{self.path.name}.ledger.sqlite"
+        parts = urlsplit(self.catalog) if "://" in self.catalog else None
+        if parts is None:
+            return Path(self.catalog).resolve().parent / "ledger.sqlite"  # a file, as the catalog resolves it
+        if parts.scheme.partition("+")[0] == "sqlite" and parts.path[1:] not in ("", ":memory:"):
+            return Path(parts.path[1:]).resolve().parent / "ledger.sqlite"
+        return state_home() / "ledger.sqlite"
+
+
+def state_home() -> Path:
+    """This user's state directory for vsphere-proxy: `$XDG_STATE_HOME/vsphere-proxy`, by default
+    `~/.local/state/vsphere-proxy`."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    return (Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".local" / "state") / "vsphere-proxy"
 
 
 def _redis_url(v: str) -> str:

@@ -1,5 +1,7 @@
 """The embedded engine: every proxy is a thread pool of this process with as many threads as its stream limit,
-driven by the coordinator's events. Coordinator calls are serialized by one lock; the ledger is shared.
+driven by the coordinator's events. Coordinator calls are serialized by one lock; the ledger is shared. Every
+`tick` the engine looks at the other jobs' streams in the ledger (other processes', with `SqliteLedger`): when one
+was given back or stopped counting on a datastore, the coordinator is told (`on_released`) and starts what fits.
 
 Streams run through a `StreamRunner` (the same code a Celery proxy worker runs). A stream without progress for
 `stall_seconds` fails its attempt; the VM is stranded even if the read never returns.
@@ -31,6 +33,7 @@ from vsphere_proxy.engine.events import AttemptEnd, Stop, StreamResult
 from vsphere_proxy.engine.protocol import JobObserver, Observer
 from vsphere_proxy.engine.session import Preparer
 from vsphere_proxy.engine.streams import Attempt, StreamRunner
+from vsphere_proxy.ledger import Stream
 
 __all__ = ["AttemptEnd", "EmbeddedEngine", "Stop"]
 
@@ -125,6 +128,11 @@ class EmbeddedEngine:
                     self._running -= 1
                     self._streams.notify_all()
 
+        others: set[Stream] = set()  # the other jobs' streams in the ledger at the last tick
+
+        def others_now() -> set[Stream]:
+            return {s for s in coordinator.ledger.streams() if s.job != coordinator.job.id}
+
         def why_stop() -> Stop | None:
             if self._stop is not None:
                 return self._stop
@@ -133,17 +141,16 @@ class EmbeddedEngine:
             if errors:
                 return Stop(f"the job could not go on: {describe(errors[0])}")
             idle = self.clock() - moved[0]
-            if not coordinator.done and not runner.busy() and idle > self.stall_seconds \
-                    and not any(s.job != coordinator.job.id for s in coordinator.ledger.streams()):
+            if not coordinator.done and not runner.busy() and idle > self.stall_seconds and not others:
                 return Stop(f"the coordinator made no progress for {idle:.0f} s while no stream ran "
                             f"(stall limit {self.stall_seconds:g} s)")
             return None
 
-        others_before = 0  # streams of other jobs in the ledger at the last tick
         try:
             try:
                 with lock:
                     watch.states_changed(coordinator, [vm.name for vm in coordinator.job.vms])
+                    others = others_now()  # before the first pass: a stream given back before the first tick counts
                     submit(coordinator.start())
             except BaseException as e:
                 fatal(e, "starting the job")
@@ -164,10 +171,13 @@ class EmbeddedEngine:
                 with lock:
                     if coordinator.done and not runner.busy():
                         break
-                    others = sum(1 for s in coordinator.ledger.streams() if s.job != coordinator.job.id)
-                    if others < others_before and not coordinator.done:  # other jobs (processes) gave streams
-                        submit(coordinator.on_released())                 # back: they are ours to use
-                    others_before = others
+                    try:
+                        now = others_now()
+                        if others - now and not coordinator.done:  # another job gave a stream back, or a
+                            submit(coordinator.on_released())     # datastore: ours to use
+                        others = now
+                    except BaseException as e:
+                        fatal(e, "reading the ledger")
         finally:
             for pool in pools.values():
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -107,7 +107,7 @@ class BackupRun:
         self.resume = resume
         self.control = control or JobControl()
         self.say = say or (lambda _: None)
-        self.ledger = ledger  # the embedded engine's; default: one of this process only
+        self.ledger = ledger  # the embedded engine's; default: `job_ledger(config)`, the host's shared file
 
     def run(self, observer: JobObserver | None = None) -> BackupReport:
         """Run the job to its end; its report. Raises `BadJob` (nothing done) or `JobFailed`."""

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from vsphere_proxy.catalog import Catalog
-from vsphere_proxy.config import Config, ConfigError
+from vsphere_proxy.config import Config, ConfigError, state_home
 from vsphere_proxy.coordinator import Job, WorkVM
 from vsphere_proxy.jobs.errors import BadJob
 from vsphere_proxy.ledger_sqlite import LedgerUnavailable, SqliteLedger
@@ -80,11 +80,17 @@ def claim_vms(catalog: Catalog, config: Config, job_id: str, setup: JobSetup, ke
 
 
 def job_ledger(config: Config) -> SqliteLedger:
-    """The embedded engine's ledger: the file every job of this host shares (`repository.ledger`)."""
+    """The embedded engine's ledger of a job (backup or restore): the file every job of this host naming it
+    shares (`repository.ledger`, default `RepositoryConfig.ledger_path`), its leases as long as the job's."""
     if config.repository is None:
-        raise BadJob("repository: not configured; the ledger lives beside it")
+        raise BadJob("repository: not configured; the ledger lives beside its catalog")
+    path = config.repository.ledger_path()
     try:
-        return SqliteLedger(config.repository.ledger_path(), ttl=config.job.policy.lease_seconds)
+        if path.parent == state_home():  # the default of a catalog on a server: made on first use
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return SqliteLedger(path, ttl=config.job.policy.lease_seconds)
+    except OSError as e:
+        raise BadJob(f"repository.ledger: {path.parent}: cannot create it ({e.strerror})") from None
     except LedgerUnavailable as e:
         raise BadJob(f"repository.ledger: {e}") from None
 
