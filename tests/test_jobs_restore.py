@@ -5,6 +5,7 @@ and the job's streams never exceed a proxy's limit in the ledger they share with
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,32 @@ def test_with_a_distributed_fleet_a_restore_takes_its_streams_in_redis(backed: t
         assert run.run().status == "complete"
         assert set(held) == {run.job_id}, "the restore's stream was in the fleet's Redis ledger"
         assert ledger.streams() == () and ledger.releases() >= 1
+def test_restore_and_backup_streams_together_stay_under_every_proxy_limit(backed: tuple) -> None:
+    backend, repo, catalog = backed
+    ledger = InMemoryLedger()
+    worst: list[int] = []
+    real = ledger.acquire
+
+    def watched(stream, proxy_limit, datastore_limit=None):  # type: ignore[no-untyped-def]
+        taken = real(stream, proxy_limit, datastore_limit)
+        worst.append(ledger.proxy_active(stream.proxy) - proxy_limit)
+        return taken
+
+    ledger.acquire = watched  # type: ignore[method-assign]
+    config = config_for(backend, repo)
+    done: dict[str, object] = {}
+
+    def backup() -> None:
+        try:
+            done["backup"] = BackupRun(config, backend, repo, catalog, ledger=ledger).run()
+        except BaseException as e:
+            done["error"] = e
+
+    thread = threading.Thread(target=backup)
+    thread.start()
+    points = [p for p in (repo.latest(v) for v in ("vm-01", "vm-02", "vm-03")) if p is not None]
+    report = RestoreRun.vms(config, backend, repo, catalog, points, RestoreOptions(), ledger=ledger).run()
+    thread.join(60)
+    assert "error" not in done, done
+    assert report.status == "complete" and done["backup"].status == "complete"  # type: ignore[attr-defined]
+    assert worst and max(worst) <= 0, "a proxy never held more streams than its limit"
