@@ -48,6 +48,7 @@ class BackupReport:
     dispatch: dict[str, Any] = field(default_factory=dict)  # distributed engine: assignments, decide/queue ms
     left_behind: tuple[str, ...] = ()  # snapshots and hot-added disks cleanup could not remove (next sweep does)
     problems: tuple[str, ...] = ()  # job-level failures besides the VMs' (the catalog could not record the end)
+    retention: dict[str, Any] | None = None  # policy.retention.after_backup: what the retention run decided and did
 
     @property
     def status(self) -> str:
@@ -74,6 +75,7 @@ class BackupReport:
             "dispatch": self.dispatch,
             "left_behind": list(self.left_behind),
             "problems": list(self.problems),
+            "retention": self.retention,
             "vms": [v.to_json() for v in self.vms],
         }
 

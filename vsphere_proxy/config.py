@@ -10,9 +10,11 @@ import os
 import re
 import stat
 from collections.abc import Mapping
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -28,6 +30,7 @@ from pydantic import (
 
 from vsphere_proxy.coordinator import DiskStreams, Policy
 from vsphere_proxy.model import Tag
+from vsphere_proxy.retention import Duration, Rules
 from vsphere_proxy.scheduler import StreamFormula
 
 LUN_NAME = re.compile(r"^(naa|eui|t10)\.[0-9A-Za-z_.-]+$")
@@ -186,6 +189,58 @@ class Selection(_Strict):
         return self
 
 
+class RetentionConfig(_Strict):
+    """Which restore points of each VM to keep (restic's rules, `vsphere_proxy.retention`): counts are >= 1 or -1
+    (every period); `keep_within` a duration (`30d`, `1y6m`, `36h`). Periods are calendar periods in `timezone`
+    (an IANA name; `local`: this host's zone). Held points are always kept."""
+
+    keep_last: int | None = None
+    keep_hourly: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+    keep_yearly: int | None = None
+    keep_within: str | None = None
+    timezone: str = "local"
+    after_backup: bool = False  # `backup`: forget what the rules remove once a job completes
+    prune: bool = True  # with after_backup: prune too, when no other job holds the repository
+
+    @model_validator(mode="after")
+    def _valid(self) -> RetentionConfig:
+        rules = self.rules()  # ValueError naming the field
+        if rules.empty():
+            raise ValueError("set at least one keep_* rule (an empty policy would remove every point)")
+        self.tz()
+        return self
+
+    def rules(self) -> Rules:
+        within = None
+        if self.keep_within is not None:
+            try:
+                within = Duration.parse(self.keep_within)
+            except ValueError as e:
+                raise ValueError(f"keep_within: {e}") from None
+        return Rules(keep_last=self.keep_last, keep_hourly=self.keep_hourly, keep_daily=self.keep_daily,
+                     keep_weekly=self.keep_weekly, keep_monthly=self.keep_monthly, keep_yearly=self.keep_yearly,
+                     keep_within=within)
+
+    def tz(self) -> tzinfo:
+        return zone(self.timezone, "timezone")
+
+
+def zone(name: str, field: str = "timezone") -> tzinfo:
+    """The time zone `name` (an IANA name, or `local` for this host's); ValueError naming `field`."""
+    if name == "local":
+        local = datetime.now().astimezone().tzinfo
+        assert local is not None
+        return local
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{field}: unknown time zone {name!r} (an IANA name such as Europe/Berlin, or local)") \
+            from None
+
+
 class PolicyConfig(_Strict):
     """The job's storage policy (DESIGN §4): stream limits, datastore threshold, disk streams, rounds."""
 
@@ -206,6 +261,7 @@ class PolicyConfig(_Strict):
     # The job's liveness lease in the catalog, renewed every third of it: a job that stopped renewing it is
     # dead, and only then may another job's sweep remove its snapshots and hot-added disks.
     lease_seconds: Annotated[float, Field(ge=3, le=3600)] = 60.0
+    retention: RetentionConfig | None = None  # `forget` and `backup` (after_backup) apply it
 
     @model_validator(mode="after")
     def _cap(self) -> PolicyConfig:
@@ -225,10 +281,36 @@ class JobConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()
 
 
+class EncryptionConfig(_Strict):
+    """Where an encrypted repository's key comes from: exactly one of a passphrase in an environment variable, a
+    passphrase file, or a key file (each readable by its owner only). Never the secret itself."""
+
+    passphrase_env: str | None = None
+    passphrase_file: Path | None = None
+    key_file: Path | None = None  # created (mode 0600) by the `init` that creates the repository
+    label: Annotated[str, Field(max_length=200)] = ""  # of the key slot `init` creates
+    # argon2id's costs for passphrase slots this host creates (RFC 9106: 64 MiB, 3 passes, 4 lanes)
+    kdf_memory_mib: Annotated[int, Field(ge=8, le=4096)] = 64
+    kdf_time_cost: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncryptionConfig:
+        given = [n for n in ("passphrase_env", "passphrase_file", "key_file") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of passphrase_env, passphrase_file, key_file"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        for name in ("passphrase_file", "key_file"):
+            value = getattr(self, name)
+            if value is not None and not value.is_absolute():
+                raise ValueError(f"{name}: must be an absolute file path (got {str(value)!r})")
+        return self
+
+
 class RepositoryConfig(_Strict):
     """Where restore points go (a local or mounted directory) and where the catalog of jobs lives."""
 
     path: Path
+    encryption: EncryptionConfig | None = None  # the repository is (or is created) encrypted
     catalog: str | None = None  # SQLAlchemy URL or SQLite file; default: catalog.sqlite beside the repository
     # the embedded engine's stream ledger, shared by every job of this host naming the same file (jobs that share
     # proxies must share it); default: beside the SQLite catalog, or in the state directory (`ledger_path`)
@@ -351,6 +433,40 @@ class DashboardConfig(_Strict):
         return env.get(self.token_env) or None
 
 
+class CopySelect(_Strict):
+    """Which restore points a copy job copies: of these VMs (default all), started within `since` of now
+    (default any time), each VM's `latest` newest ones (default all)."""
+
+    vms: list[str] | None = None
+    since: str | None = None
+    latest: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+    @field_validator("since")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            Duration.parse(v)
+        return v
+
+
+class CopyTargetConfig(_Strict):
+    """A second repository restore points are copied to (`vsphere-proxy copy --to NAME`): the disaster-recovery
+    or compliance copy, with its own key and retention."""
+
+    name: Name
+    path: Path
+    encryption: EncryptionConfig | None = None
+    retention: RetentionConfig | None = None  # applied to the target after each copy (forget and prune)
+    select: CopySelect = CopySelect()
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"must be an absolute directory (got {str(v)!r})")
+        return v
+
+
 class Config(_Strict):
     vcenter: VCenterConfig
     proxies: Annotated[list[ProxyConfig], Field(min_length=1)]
@@ -358,6 +474,7 @@ class Config(_Strict):
     repository: RepositoryConfig | None = None  # needed by backup, restore and verify
     distributed: DistributedConfig | None = None  # needed by `worker` and `backup --engine celery`
     dashboard: DashboardConfig = DashboardConfig()  # `serve`
+    repositories: list[CopyTargetConfig] = []  # copy targets (`copy --to NAME`)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -368,6 +485,14 @@ class Config(_Strict):
         for n in self.job.proxies or []:
             if n not in names:
                 raise ValueError(f"job.proxies: {n!r} is not one of the configured proxies")
+        targets = [r.name for r in self.repositories]
+        dup = sorted({n for n in targets if targets.count(n) > 1})
+        if dup:
+            raise ValueError(f"repositories: name {dup[0]!r} is used twice")
+        if self.repository is not None:
+            for r in self.repositories:
+                if r.path.resolve() == self.repository.path.resolve():
+                    raise ValueError(f"repositories: {r.name!r} is the job's own repository ({r.path})")
         return self
 
     def job_proxies(self) -> list[ProxyConfig]:

@@ -7,7 +7,25 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vsphere_proxy.cli import backup, cbt, discover, jobs, plan, report, restore, serve, simulate, verify, worker
+from vsphere_proxy.cli import (
+    backup,
+    cbt,
+    copy,
+    discover,
+    forget,
+    init,
+    jobs,
+    key,
+    plan,
+    protect,
+    prune,
+    report,
+    restore,
+    serve,
+    simulate,
+    verify,
+    worker,
+)
 from vsphere_proxy.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_BROKEN_PIPE,
@@ -17,7 +35,8 @@ from vsphere_proxy.cli.common import (
 )
 from vsphere_proxy.repository import RepositoryLocked
 
-COMMANDS = (discover, plan, backup, restore, verify, jobs, report, cbt, simulate, worker, serve)
+COMMANDS = (discover, plan, backup, restore, verify, init, key, forget, prune, protect, copy, jobs, report, cbt,
+            simulate, worker, serve)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -114,8 +114,23 @@ def print_report(report: BackupReport) -> None:
         ("detached left-behind disks", data["swept"]["attached_disks"]),
         (styled("cleanup errors", "red"), data["swept"]["errors"]),
         (styled("left behind (the next job's sweep removes them)", "red"), data["left_behind"]),
-        (styled("job errors", "red"), data["problems"])),
+        (styled("job errors", "red"), data["problems"]),
+        ("retention", _retention_lines(report.retention))),
         f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}")
+
+
+def _retention_lines(retention: dict[str, Any] | None) -> list[str]:
+    """policy.retention.after_backup's outcome, as the job's end lists it."""
+    if retention is None:
+        return []
+    if "error" in retention:
+        return [retention["error"]]
+    said = [f"{retention['rules']}: kept {retention['kept']}, forgot {len(retention['forgotten'])}"]
+    if retention["prune"] is not None:
+        said.append(f"pruned {human_size(retention['prune']['bytes_freed'])}")
+    if retention["prune_skipped"]:
+        said.append(retention["prune_skipped"])
+    return said
 
 
 def do_backup(args: argparse.Namespace) -> int:

@@ -22,9 +22,10 @@ from rich.text import Text
 
 from vsphere_proxy.catalog import Catalog, CatalogError
 from vsphere_proxy.config import Config, ConfigError, load_config
+from vsphere_proxy.jobs import repo_access
 from vsphere_proxy.jobs.errors import BadJob, JobError
 from vsphere_proxy.model import Inventory
-from vsphere_proxy.repository import Repository, RepositoryError, RepositoryLocked
+from vsphere_proxy.repository import KeyProblem, Repository, RepositoryError, RepositoryLocked
 
 # The exit codes, as README.md's "Exit codes" table documents them for hooks.
 EXIT_OK = 0
@@ -76,11 +77,11 @@ def open_repository(config: Config, *, create: bool = False) -> Repository:
     if config.repository is None:
         raise CommandError("repository: not configured; add `repository: {path: /absolute/dir}`", EXIT_BAD_INPUT)
     try:
-        if create:
-            return Repository.init(config.repository.path)
-        return Repository.open(config.repository.path)
+        return repo_access.open_repository(config.repository.path, config.repository.encryption, create=create)
     except RepositoryLocked as e:
         raise repository_failure(e) from None
+    except KeyProblem as e:
+        raise CommandError(str(e), EXIT_BAD_INPUT) from None
     except RepositoryError as e:
         raise CommandError(f"repository.path: {e}", EXIT_BAD_INPUT) from None
 

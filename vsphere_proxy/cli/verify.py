@@ -11,8 +11,10 @@ import argparse
 from typing import Any
 
 from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_OK,
+    CommandError,
     add_config_argument,
     console,
     emit_json,
@@ -22,7 +24,7 @@ from vsphere_proxy.cli.common import (
     repository_failure,
     styled,
 )
-from vsphere_proxy.repository import RepositoryError, VerifyReport
+from vsphere_proxy.repository import RepositoryError, Sample, VerifyReport
 
 HELP = ("re-hash every chunk of the repository; quarantine corrupt chunks; report missing/corrupt chunks, the "
         "restore points they break and unreadable manifests")
@@ -31,13 +33,28 @@ HELP = ("re-hash every chunk of the repository; quarantine corrupt chunks; repor
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("verify", help=HELP, description=HELP)
     add_config_argument(p)
+    p.add_argument("--sample", metavar="N|P%", type=_sample,
+                   help="check a random subset of the chunks: N chunks, or P percent of them (5%%)")
+    p.add_argument("--seed", type=int, help="the sample's random seed (default: a fresh one, printed)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=do_verify)
 
 
+def _sample(text: str) -> Sample:
+    try:
+        if text.endswith("%"):
+            return Sample(percent=float(text[:-1]))
+        return Sample(count=int(text))
+    except ValueError as exc:  # RepositoryError is one
+        if isinstance(exc, RepositoryError):
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("sample: ")) from None
+        raise argparse.ArgumentTypeError(f"must be a count (200) or a percentage (5%) (got {text!r})") from None
+
+
 def report_json(report: VerifyReport) -> dict[str, Any]:
     return {
-        "ok": report.ok, "points": report.points, "chunks": report.chunks,
+        "ok": report.ok, "points": report.points, "chunks": report.chunks, "referenced": report.referenced,
+        "sample": None if report.sample is None else {"size": report.sample.describe(), "seed": report.sample.seed},
         "missing": list(report.missing), "corrupt": list(report.corrupt),
         "broken": {p: list(d) for p, d in report.broken.items()},
         "broken_points": [{"id": b.id, "reason": b.reason} for b in report.broken_points],
@@ -74,7 +91,12 @@ def do_verify(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     repo = open_repository(config)
     try:
-        report = repo.verify()
+        sample = args.sample
+        if args.seed is not None:
+            if sample is None:
+                raise CommandError("--seed: only with --sample", EXIT_BAD_INPUT)
+            sample = Sample(sample.percent, sample.count, args.seed)
+        report = repo.verify(sample=sample)
     except RepositoryError as e:
         raise repository_failure(e) from None
     if args.json:

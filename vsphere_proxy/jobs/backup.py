@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from vsphere_proxy.backup_report import BackupReport, build_report
 from vsphere_proxy.catalog import Catalog, lease_holder
-from vsphere_proxy.config import Config
+from vsphere_proxy.config import Config, RetentionConfig
 from vsphere_proxy.coordinator import Coordinator, JobReport
 from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.control import JobControl
@@ -34,12 +34,13 @@ from vsphere_proxy.faults import JobFault
 from vsphere_proxy.jobs.backend import Swept, VCenterBackend
 from vsphere_proxy.jobs.errors import BadJob, JobFailed
 from vsphere_proxy.jobs.fleet import Fleet
+from vsphere_proxy.jobs.forget import apply_retention
 from vsphere_proxy.jobs.recorder import AttemptEnds, CatalogRecorder, record_states
 from vsphere_proxy.jobs.resume import Earlier
 from vsphere_proxy.jobs.setup import JobSetup, build_job, claim_vms, job_ledger, new_job_id, throttles
 from vsphere_proxy.ledger import Ledger
 from vsphere_proxy.model import VM, Inventory
-from vsphere_proxy.repository import Repository
+from vsphere_proxy.repository import Repository, RepositoryError
 
 ENGINES = ("embedded", "celery")
 
@@ -240,4 +241,19 @@ class BackupRun:
         kept("the job's end", lambda: catalog.finish_job(job_id, report.status, summary))
         if problems:
             report = dataclasses.replace(report, problems=tuple(problems))
+        retention = self.config.job.policy.retention
+        if retention is not None and retention.after_backup and report.status == "complete":
+            report = dataclasses.replace(report, retention=self._retention(retention, [v.vm for v in report.vms]))
         return report
+
+    def _retention(self, retention: RetentionConfig, vms: list[str]) -> dict[str, Any]:
+        """`policy.retention.after_backup`: forget what the rules remove among these VMs' points, and prune when no
+        other job holds the repository. A failure here is reported with the job; it never undoes the backup."""
+        try:
+            result = apply_retention(self.repository, retention.rules(), retention.tz(), vms=vms,
+                                     prune=retention.prune)
+        except RepositoryError as e:
+            return {"error": f"retention did not run: {e}"}
+        data = result.to_json()
+        return {"rules": data["rules"], "kept": data["kept"], "forgotten": data["forgotten"],
+                "prune": data["prune"], "prune_skipped": data["prune_skipped"]}

@@ -11,9 +11,12 @@ vSphere I/O. Typical use::
         manifest = point.commit()
     repo.restore(manifest.id, 0, Path("disk0.img"))
     repo.nvram(manifest.id)                # the NVRAM file a version-2 point saved, or None
+
+An encrypted repository (`Repository.init(path, secret)`, then `Repository.open(path, secret)` with a passphrase or
+key file `Secret`) names chunks by a keyed HMAC and seals chunks, manifests and holds with AES-256-GCM.
 """
 
-from .check import ChunkProblem, DiskRef, PruneResult, QuarantinedChunk, VerifyReport
+from .check import ChunkProblem, DiskRef, PruneResult, QuarantinedChunk, Sample, VerifyReport
 from .format import (
     BLOCK_SIZE,
     BaseDamaged,
@@ -31,6 +34,18 @@ from .format import (
     VmConfig,
     VmIdentity,
 )
+from .keys import (
+    KdfCost,
+    KeyProblem,
+    KeySlot,
+    Secret,
+    WrongKey,
+    new_key_file,
+    passphrase_from_env,
+    passphrase_from_file,
+    read_key_file,
+)
+from .lifecycle import Hold, HoldState, PointHeld
 from .repo import Repository, RestoreResult
 from .writer import DiskWriter, PointWriter
 
@@ -44,9 +59,15 @@ __all__ = [
     "DiskRef",
     "DiskStats",
     "DiskWriter",
+    "Hold",
+    "HoldState",
+    "KdfCost",
+    "KeyProblem",
+    "KeySlot",
     "Manifest",
     "NicRecord",
     "NvramRecord",
+    "PointHeld",
     "PointWriter",
     "PruneResult",
     "QuarantinedChunk",
@@ -55,8 +76,15 @@ __all__ = [
     "RepositoryFull",
     "RepositoryLocked",
     "RestoreResult",
+    "Sample",
+    "Secret",
     "TagRecord",
     "VerifyReport",
     "VmConfig",
     "VmIdentity",
+    "WrongKey",
+    "new_key_file",
+    "passphrase_from_env",
+    "passphrase_from_file",
+    "read_key_file",
 ]

@@ -7,6 +7,8 @@ Both follow `docs/repository.md`: verify holds a shared lock, prune the exclusiv
 from __future__ import annotations
 
 import os
+import random
+import secrets
 from collections import defaultdict
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from .chunks import ChunkCorrupt, ChunkMissing, ChunkUnreadable
 from .files import fsync_dir, remove_quietly
 from .format import BrokenPoint, Manifest, RepositoryError, check_point_id, one_line
+from .lifecycle import PointHeld
 
 if TYPE_CHECKING:
     from .repo import Repository
@@ -63,6 +66,32 @@ class QuarantinedChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class Sample:
+    """Which part of the referenced chunks a verify checks: `percent` of them, or `count` of them (the first
+    set wins), drawn at random with `seed` (a fresh random seed when None; the report says which was used)."""
+
+    percent: float | None = None
+    count: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.percent is None) == (self.count is None):
+            raise RepositoryError("a sample is a percentage or a count of chunks")
+        if self.percent is not None and not 0 < self.percent <= 100:
+            raise RepositoryError(f"sample: must be more than 0% and at most 100% (got {self.percent:g}%)")
+        if self.count is not None and self.count < 1:
+            raise RepositoryError(f"sample: must be at least 1 chunk (got {self.count})")
+
+    def size(self, total: int) -> int:
+        if self.count is not None:
+            return min(self.count, total)
+        return min(total, max(1, round(total * (self.percent or 0) / 100))) if total else 0
+
+    def describe(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.count} chunks"
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyReport:
     points: int  # readable restore points checked
     chunks: int  # distinct chunks checked
@@ -70,6 +99,8 @@ class VerifyReport:
     broken_points: tuple[BrokenPoint, ...] = ()  # manifests that cannot be read, with the reason
     quarantine: tuple[QuarantinedChunk, ...] = ()  # every quarantined chunk file, after this run
     vms: dict[str, str] = field(default_factory=dict)  # restore point id -> VM name, for the points in `broken`
+    referenced: int = 0  # distinct chunks the readable points reference (all of them checked unless sampled)
+    sample: Sample | None = None  # the sample checked, with the seed used; None: every referenced chunk
 
     @property
     def ok(self) -> bool:
@@ -107,6 +138,8 @@ class VerifyReport:
 
     def summary(self) -> str:
         checked = f"{self.points} restore points, {self.chunks} chunks"
+        if self.sample is not None:
+            checked += f" (a sample of {self.sample.describe()} of {self.referenced}, seed {self.sample.seed})"
         if self.ok:
             return f"{checked}: no errors"
         parts = []
@@ -130,12 +163,19 @@ class PruneResult:
     quarantine_removed: int = 0
 
 
-def verify(repo: Repository, workers: int = 4) -> VerifyReport:
-    """Read every chunk referenced by any readable restore point once, decompress it and check its SHA-256;
-    quarantine the corrupt ones; report them, the missing ones and the broken points."""
+def verify(repo: Repository, workers: int = 4, sample: Sample | None = None) -> VerifyReport:
+    """Read every chunk referenced by any readable restore point once (or a seeded random `sample` of them),
+    decompress it and check it (authenticate it, in an encrypted repository) against its id; quarantine the corrupt
+    ones; report them, the missing ones and the broken points."""
     with repo.lock("shared", "verify"):
         manifests, broken_points = repo.scan()
         users = _references(manifests)
+        referenced = len(users)
+        if sample is not None:
+            seed = sample.seed if sample.seed is not None else secrets.randbits(32)
+            sample = Sample(sample.percent, sample.count, seed)
+            chosen = random.Random(seed).sample(sorted(users), sample.size(referenced))
+            users = {chunk: users[chunk] for chunk in sorted(chosen)}
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             outcomes = list(pool.map(lambda chunk: _check(repo, chunk, users[chunk][0]), users))
         quarantine = tuple(QuarantinedChunk(q.chunk, str(q.path.relative_to(repo.path)), q.rewritten)
@@ -148,7 +188,8 @@ def verify(repo: Repository, workers: int = 4) -> VerifyReport:
     hit = {ref.point for p in problems for ref in p.used_by}
     return VerifyReport(points=len(manifests), chunks=len(users), problems=problems,
                         broken_points=tuple(broken_points), quarantine=quarantine,
-                        vms={m.id: m.vm.name for m in manifests if m.id in hit})
+                        vms={m.id: m.vm.name for m in manifests if m.id in hit}, referenced=referenced,
+                        sample=sample)
 
 
 def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
@@ -160,6 +201,11 @@ def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
         for point_id in forget:  # refuse unknown ids before deleting anything
             if not (repo.points_dir / f"{check_point_id(point_id)}.json").exists():
                 raise RepositoryError(f"no restore point {point_id} in {repo.path}")
+        held = repo.holds()
+        refused = [p for p in forget if p in held and held[p].protects()]
+        if refused:
+            raise PointHeld(f"restore point {refused[0]} is held ({held[refused[0]].describe()}); nothing was "
+                            "forgotten or pruned: unprotect it first")
         for point_id in forget:
             (repo.points_dir / f"{point_id}.json").unlink()
         if forget:
@@ -189,6 +235,12 @@ def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
                 if entry.is_file(follow_symlinks=False):
                     remove_quietly(repo.scratch / entry.name)
                     tmp += 1
+        points = {m.id for m in manifests}
+        orphans = [p for p in held if p not in points]
+        for point_id in orphans:  # a hold whose point is gone means nothing
+            remove_quietly(repo.holds_dir / f"{point_id}.json")
+        if orphans:
+            fsync_dir(repo.holds_dir)
     return PruneResult(points_removed=len(forget), chunks_removed=removed, bytes_removed=removed_bytes,
                        chunks_kept=kept, tmp_removed=tmp, quarantine_removed=quarantine)
 

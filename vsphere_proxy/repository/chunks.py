@@ -1,4 +1,5 @@
-"""The chunk store: `chunks/<2 hex>/<64 hex>`, one zstd frame per chunk, named by the SHA-256 of its content.
+"""The chunk store: `chunks/<2 hex>/<64 hex>`, one zstd frame per chunk, named by the SHA-256 of its content (in
+an encrypted repository: sealed, and named by the keyed HMAC of its content; the store's `Codec` says which).
 
 `put` deduplicates and writes atomically; `get` decompresses and checks the content against the name, and moves a
 chunk that fails the check aside (`<id>.<n>.bad`, quarantined) so that it counts as absent and the next `put` of
@@ -7,7 +8,6 @@ the same bytes writes it again. All are safe to call from many threads at once, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zstandard
 
+from .crypto import CLEAR, Codec, Unauthentic
 from .files import full_error, is_full, remove_quietly, scratch_name
 from .format import ZSTD_LEVEL, RepositoryError, one_line
 
@@ -78,11 +79,16 @@ class Quarantined:
 
 
 class ChunkStore:
-    def __init__(self, root: Path, scratch: Path, repository: Path | None = None) -> None:
+    def __init__(self, root: Path, scratch: Path, repository: Path | None = None, codec: Codec = CLEAR) -> None:
         """`repository`: the directory named in `RepositoryFull` messages (default: `root`'s parent)."""
         self.root = root
         self.scratch = scratch
         self.repository = repository or root.parent
+        self.codec = codec
+
+    def chunk_id(self, data: bytes) -> str:
+        """The id this store gives a block of `data`."""
+        return self.codec.chunk_id(data)
 
     def path(self, chunk: str) -> Path:
         return self.root / chunk[:2] / chunk
@@ -98,11 +104,28 @@ class ChunkStore:
         directory (`path(chunk).parent`) before publishing anything that references it. A write that fails for
         want of space raises `RepositoryFull`.
         """
-        chunk = hashlib.sha256(data).hexdigest()
-        final = self.path(chunk)
-        if final.exists():
+        chunk = self.codec.chunk_id(data)
+        if self.path(chunk).exists():
             return Stored(chunk, 0)
-        frame = _compressor().compress(data)
+        return self._write(chunk, self.codec.seal_chunk(chunk, _compressor().compress(data)))
+
+    def put_file(self, chunk: str, raw: bytes) -> Stored:
+        """Store a chunk file's bytes as they are (read from a store with the same codec), unless present."""
+        if self.path(chunk).exists():
+            return Stored(chunk, 0)
+        return self._write(chunk, raw)
+
+    def get_file(self, chunk: str) -> bytes:
+        """A chunk file's bytes, unchecked (`ChunkMissing`, `ChunkUnreadable`)."""
+        try:
+            return self.path(chunk).read_bytes()
+        except FileNotFoundError:
+            raise ChunkMissing(f"chunk {chunk} is missing{self._quarantine_note(chunk)}") from None
+        except OSError as exc:
+            raise ChunkUnreadable(f"chunk {chunk} is unreadable: {one_line(exc)}") from None
+
+    def _write(self, chunk: str, frame: bytes) -> Stored:
+        final = self.path(chunk)
         tmp = scratch_name(self.scratch, "chunk-")
         try:
             with open(tmp, "xb") as f:
@@ -121,6 +144,13 @@ class ChunkStore:
     def get(self, chunk: str, length: int) -> bytes:
         """The chunk's content, checked: `length` bytes whose SHA-256 is `chunk`. A chunk that fails the check is
         quarantined before `ChunkCorrupt` is raised."""
+        return self._read(chunk, length)[1]
+
+    def get_checked_file(self, chunk: str, length: int) -> bytes:
+        """The chunk file's bytes, after checking them as `get` does (for a copy into a store of the same codec)."""
+        return self._read(chunk, length)[0]
+
+    def _read(self, chunk: str, length: int) -> tuple[bytes, bytes]:
         path = self.path(chunk)
         try:
             with open(path, "rb") as f:
@@ -130,9 +160,9 @@ class ChunkStore:
             raise ChunkMissing(f"chunk {chunk} is missing{self._quarantine_note(chunk)}") from None
         except OSError as exc:  # an I/O error says nothing of the content: the file stays where it is
             raise ChunkUnreadable(f"chunk {chunk} is unreadable: {one_line(exc)}") from None
-        problem = _check(frame, chunk, length)
+        problem = _check(self.codec, frame, chunk, length)
         if isinstance(problem, bytes):
-            return problem
+            return frame, problem
         moved: Path | None = None
         try:
             moved = self.quarantine(chunk, seen)
@@ -197,8 +227,12 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _check(frame: bytes, chunk: str, length: int) -> bytes | str:
-    """The frame's content if it is `length` bytes hashing to `chunk`, else what is wrong with it."""
+def _check(codec: Codec, raw: bytes, chunk: str, length: int) -> bytes | str:
+    """The chunk file's content if it is `length` bytes hashing to `chunk`, else what is wrong with it."""
+    try:
+        frame = codec.open_chunk(chunk, raw)
+    except Unauthentic as exc:
+        return str(exc)
     try:
         size = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
@@ -210,6 +244,6 @@ def _check(frame: bytes, chunk: str, length: int) -> bytes | str:
         data = _decompressor().decompress(frame)
     except zstandard.ZstdError as exc:
         return one_line(exc)
-    if len(data) != length or hashlib.sha256(data).hexdigest() != chunk:
-        return "content does not match its SHA-256"
+    if len(data) != length or codec.chunk_id(data) != chunk:
+        return f"content does not match its {'HMAC-SHA-256' if codec.encrypted else 'SHA-256'}"
     return data

@@ -18,7 +18,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstrai
 from vsphere_proxy.faults import JobFault
 from vsphere_proxy.model import VM
 
-FORMAT_VERSION = 1  # of `config`: the layout and chunk format
+FORMAT_VERSION = 1  # of `config`: the layout and chunk format, in clear
+ENCRYPTED_VERSION = 2  # of `config`: the same, encrypted at rest
 MANIFEST_VERSION = 2  # what writers write when they hold the VM's configuration
 BLOCK_SIZE = 4 * 1024 * 1024
 CHUNK_HASH = "sha256"
@@ -246,17 +247,37 @@ class Manifest(_Record):
         return found
 
 
+class Encryption(_Record):
+    """`config.encryption` of a version-2 repository."""
+
+    cipher: Literal["aes-256-gcm"] = "aes-256-gcm"
+    key_size: Literal[64] = 64
+
+
 class RepoConfig(_Record):
-    """The repository's `config` file."""
+    """The repository's `config` file: version 1 in clear, version 2 encrypted."""
 
-    versions: ClassVar[tuple[int, ...]] = (FORMAT_VERSION,)
+    versions: ClassVar[tuple[int, ...]] = (FORMAT_VERSION, ENCRYPTED_VERSION)
 
-    version: Literal[1] = FORMAT_VERSION
+    version: Literal[1, 2] = FORMAT_VERSION
     id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
     block_size: Literal[4194304] = BLOCK_SIZE
-    chunk_hash: Literal["sha256"] = CHUNK_HASH
+    chunk_hash: Literal["sha256", "hmac-sha256"] = CHUNK_HASH
     compression: Literal["zstd"] = COMPRESSION
     created: AwareDatetime
+    encryption: Encryption | None = None
+
+    @model_validator(mode="after")
+    def _version_matches(self) -> RepoConfig:
+        if self.version == ENCRYPTED_VERSION and (self.encryption is None or self.chunk_hash != "hmac-sha256"):
+            raise ValueError("a version 2 repository names its chunks with hmac-sha256 and holds `encryption`")
+        if self.version == FORMAT_VERSION and (self.encryption is not None or self.chunk_hash != CHUNK_HASH):
+            raise ValueError("a version 1 repository names its chunks with sha256 and holds no `encryption`")
+        return self
+
+    @property
+    def encrypted(self) -> bool:
+        return self.version == ENCRYPTED_VERSION
 
 
 def block_count(capacity: int, block_size: int) -> int:
@@ -283,10 +304,19 @@ def check_point_id(point_id: str) -> str:
 def read_record(path: Path, kind: type[R]) -> R:
     """Read a `config` or manifest file; one-line `RepositoryError` on an unknown version or a malformed record."""
     try:
-        raw = json.loads(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise RepositoryError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise RepositoryError(f"{path}: unreadable: {one_line(exc)}") from None
+    return parse_record(data, kind, path)
+
+
+def parse_record(data: bytes, kind: type[R], path: Path) -> R:
+    """A record from its JSON bytes (read from `path`, named in errors), checked as `read_record` checks it."""
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
         raise RepositoryError(f"{path}: unreadable: {one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise RepositoryError(f"{path}: not a JSON object")

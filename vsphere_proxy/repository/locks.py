@@ -14,6 +14,8 @@ import json
 import os
 import platform
 import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -204,3 +206,32 @@ def _command(pid: int) -> str:
     text = " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
     text = " ".join(text.split())
     return (text[:77] + "...") if len(text) > 80 else (text or "?")
+
+
+FORGET_LOCK_FILE = "forget"
+FORGET_WAIT_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def forget_lock(locks: Path, purpose: str, wait: float = FORGET_WAIT_SECONDS) -> Iterator[None]:
+    """The forget lock (`docs/repository.md`, "Locks"): an exclusive flock on `locks/forget` serialising forget,
+    holds and key-slot changes with each other only. Waited for at most `wait` seconds, then `RepositoryLocked`."""
+    path = locks / FORGET_LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise RepositoryError(f"cannot take the forget lock {path}: {one_line(exc)}") from None
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RepositoryLocked(f"repository is locked: {purpose} waited {wait:g} s for the forget lock "
+                                           f"({describe_holders(path, fd)})") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)

@@ -5,6 +5,7 @@ The on-disk format and its rules are in `docs/repository.md`; verify and prune l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -17,13 +18,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .check import PruneResult, VerifyReport, prune, verify
+from . import lifecycle
+from .check import PruneResult, Sample, VerifyReport, prune, verify
 from .chunks import ChunkStore
-from .files import fsync_dir, full_error, is_full, remove_quietly, scratch_name
+from .crypto import CLEAR, Codec
+from .files import fsync_dir, full_error, is_full, remove_quietly, scratch_name, write_atomic
 from .format import (
+    ENCRYPTED_VERSION,
     POINT_ID,
     BrokenPoint,
     DiskRecord,
+    Encryption,
     Manifest,
     RepoConfig,
     RepositoryError,
@@ -32,16 +37,18 @@ from .format import (
     check_point_id,
     dump_record,
     one_line,
+    parse_record,
     read_record,
     zeros,
 )
-from .locks import LOCK_FILE, Kind, Lock, ensure_lock_file
+from .keys import DEFAULT_COST, KdfCost, KeyProblem, KeySlot, MasterKey, Secret, make_slot, unlock
+from .locks import LOCK_FILE, Kind, Lock, ensure_lock_file, forget_lock
 from .writer import PointWriter, check_config
 
 _DIRS = ("chunks", "points", "tmp", "locks")
 # What a directory may hold for `init` to make it a repository: what an interrupted (or concurrent) `init` leaves,
 # and the `lost+found` of a file system's root.
-_INIT_MAY_FIND = frozenset({*_DIRS, "config", "lost+found"})
+_INIT_MAY_FIND = frozenset({*_DIRS, "keys", "holds", "config", "lost+found"})
 _CONFIG_SETTLE_SECONDS = 5.0
 
 
@@ -57,29 +64,44 @@ class RestoreResult:
 class Repository:
     """A backup repository on a local (or mounted) filesystem. Thread-safe; many processes may share it."""
 
-    def __init__(self, path: Path, config: RepoConfig) -> None:
+    def __init__(self, path: Path, config: RepoConfig, master: MasterKey | None = None, slot: str = "") -> None:
+        """`master`: an encrypted repository's master key (opened with the key slot `slot`)."""
         self.path = path
         self.config = config
+        self._master_key = master
+        self.codec: Codec = master.codec() if master is not None else CLEAR
+        self.slot = slot
         self.scratch = path / "tmp"
         self.points_dir = path / "points"
         self.locks_dir = path / "locks"
-        self.chunks = ChunkStore(path / "chunks", self.scratch, path)
+        self.holds_dir = path / "holds"
+        self.keys_dir = path / "keys"
+        self.chunks = ChunkStore(path / "chunks", self.scratch, path, self.codec)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.config.encrypted
 
     @property
     def block_size(self) -> int:
         return self.config.block_size
 
     @classmethod
-    def init(cls, path: Path | str) -> Repository:
+    def init(cls, path: Path | str, secret: Secret | None = None, *, label: str = "",
+             cost: KdfCost = DEFAULT_COST, repo_id: str | None = None) -> Repository:
         """Create a repository in `path` (created if absent, or an empty directory). An existing repository is
-        opened instead; any other non-empty directory is refused.
+        opened instead (with `secret`, if it is encrypted); any other non-empty directory is refused.
+
+        With `secret` (a passphrase or a key file) the repository is encrypted (version 2): a new master key,
+        wrapped in a first key slot labelled `label` (argon2id at `cost` for a passphrase). `repo_id` (32 hex
+        digits, default random) is the new repository's id, for a key file made for it beforehand.
 
         Safe to run from many processes (and threads) at once on the same path: all of them end up with the same
         repository (`docs/repository.md`, "Initialisation").
         """
         path = Path(path)
         if (path / "config").exists():
-            return cls.open(path)
+            return cls.open(path, secret)
         if path.exists() and not path.is_dir():
             raise RepositoryError(f"{path}: not a directory; refusing to initialise it")
         try:
@@ -98,30 +120,50 @@ class Repository:
             problem = ensure_lock_file(path / "locks")
             if problem is not None:
                 raise problem
-            config = RepoConfig(id=secrets.token_hex(16), created=datetime.now(UTC))
+            repo_id = repo_id or secrets.token_hex(16)
+            master: MasterKey | None = None
+            slot: KeySlot | None = None
+            if secret is None:
+                config = RepoConfig(id=repo_id, created=datetime.now(UTC))
+            else:
+                config = RepoConfig(version=ENCRYPTED_VERSION, id=repo_id, chunk_hash="hmac-sha256",
+                                    created=datetime.now(UTC), encryption=Encryption())
+                master = MasterKey.new()
+                slot = make_slot(repo_id, master, secret, label, cost)
+                (path / "keys").mkdir(exist_ok=True)
+                write_atomic(path / "keys" / f"{slot.id}.json", dump_record(slot), path / "tmp", sync_dir=True,
+                             stem="key-")
             won = _publish_config(path, dump_record(config))
+            if not won and slot is not None:
+                remove_quietly(path / "keys" / f"{slot.id}.json")  # wraps a master key nobody uses
         except OSError as exc:
             if is_full(exc):
                 raise full_error(path) from None
             raise RepositoryError(f"{path}: cannot initialise a repository: {one_line(exc)}") from None
-        return cls(path, config) if won else cls._open_settled(path)
+        if won:
+            return cls(path, config, master, slot.id if slot else "")
+        return cls._open_settled(path, secret)
 
     @classmethod
-    def _open_settled(cls, path: Path) -> Repository:
+    def _open_settled(cls, path: Path, secret: Secret | None) -> Repository:
         """Open a repository another process is initialising: its `config` may be seen before it is whole where it
         is written in place (file systems without hard links)."""
         deadline = time.monotonic() + _CONFIG_SETTLE_SECONDS
         while True:
             try:
-                return cls.open(path)
+                return cls.open(path, secret)
+            except KeyProblem:
+                raise
             except RepositoryError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
 
     @classmethod
-    def open(cls, path: Path | str) -> Repository:
+    def open(cls, path: Path | str, secret: Secret | None = None) -> Repository:
         """Open an existing repository; one-line `RepositoryError` if it is missing or of an unknown version.
+        An encrypted one needs `secret`: `KeyProblem` (`WrongKey`) when it is missing or opens no key slot. A clear
+        one ignores `secret`.
 
         A repository made before the lock file existed gets one, where the file system allows it.
         """
@@ -134,7 +176,72 @@ class Repository:
                 raise RepositoryError(f"{path}: not a complete repository (no {name}/)")
         if not (path / "locks" / LOCK_FILE).exists():
             ensure_lock_file(path / "locks")  # where it cannot be created, shared locks lock nothing (read-only)
-        return cls(path, config)
+        if not config.encrypted:
+            return cls(path, config)
+        if secret is None:
+            raise KeyProblem(f"{path}: the repository is encrypted: a passphrase or a key file is needed "
+                            "(repository.encryption)")
+        slots = _read_slots(path / "keys")
+        if not slots:
+            raise RepositoryError(f"{path}: an encrypted repository without any key slot (keys/ is empty)")
+        master, slot = unlock(config.id, slots, secret)
+        return cls(path, config, master, slot)
+
+    # -- keys -----------------------------------------------------------------------------------------------------
+
+    def key_slots(self) -> list[KeySlot]:
+        """The key slots of an encrypted repository, oldest first (none for a clear one)."""
+        return sorted(_read_slots(self.keys_dir), key=lambda s: (s.created, s.id)) if self.encrypted else []
+
+    def add_key(self, secret: Secret, label: str = "", cost: KdfCost = DEFAULT_COST) -> KeySlot:
+        """A new key slot wrapping this repository's master key under `secret` (a passphrase or a key file)."""
+        master = self._master()
+        try:
+            slot = make_slot(self.config.id, master, secret, label, cost)
+        except ValueError as exc:
+            raise RepositoryError(f"--label: {one_line(exc)}") from None
+        with forget_lock(self.locks_dir, "key add"):
+            write_atomic(self.keys_dir / f"{slot.id}.json", dump_record(slot), self.scratch, sync_dir=True,
+                         stem="key-", repository=self.path)
+        return slot
+
+    def remove_key(self, slot_id: str) -> None:
+        """Remove a key slot: never the last one, nor the one this repository was opened with."""
+        self._master()
+        with forget_lock(self.locks_dir, "key remove"):
+            slots = {s.id: s for s in self.key_slots()}
+            if slot_id not in slots:
+                raise KeyProblem(f"no key slot {slot_id!r} in {self.path}")
+            if slot_id == self.slot:
+                raise KeyProblem(f"key slot {slot_id} is the one this command opened the repository with; open it "
+                                "with another passphrase or key file to remove this one")
+            if len(slots) == 1:
+                raise KeyProblem(f"key slot {slot_id} is the repository's last one; refusing to remove it")
+            (self.keys_dir / f"{slot_id}.json").unlink()
+            fsync_dir(self.keys_dir)
+
+    def _master(self) -> MasterKey:
+        if not self.encrypted:
+            raise KeyProblem(f"{self.path}: the repository is not encrypted; it has no keys")
+        master = self._master_key
+        if master is None:
+            raise KeyProblem(f"{self.path}: opened without its key")
+        return master
+
+    # -- holds and forgetting -------------------------------------------------------------------------------------
+
+    def holds(self) -> dict[str, lifecycle.HoldState]:
+        return lifecycle.holds(self)
+
+    def protect(self, point_id: str, until: datetime | None = None, reason: str = "") -> lifecycle.Hold:
+        return lifecycle.protect(self, point_id, until, reason)
+
+    def unprotect(self, point_id: str) -> bool:
+        return lifecycle.unprotect(self, point_id)
+
+    def forget(self, point_ids: Collection[str]) -> list[str]:
+        """Delete these restore points' manifests (never a held one's); their chunks stay until `prune`."""
+        return lifecycle.forget(self, list(point_ids))
 
     def lock(self, kind: Kind, purpose: str) -> Lock:
         """Take a shared or the exclusive lock, or fail at once with `RepositoryLocked` naming the holder."""
@@ -187,11 +294,19 @@ class Repository:
     def _read_manifest(self, point_id: str) -> Manifest:
         path = self.points_dir / f"{point_id}.json"
         try:
-            manifest = read_record(path, Manifest)
-        except RepositoryError:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise _Gone(point_id) from None
+        except OSError as exc:
+            raise RepositoryError(f"{path}: unreadable: {one_line(exc)}") from None
+        try:
+            manifest = parse_record(self.codec.open_record("point", point_id, raw), Manifest, path)
+        except RepositoryError as exc:
             if not path.exists():
                 raise _Gone(point_id) from None
-            raise
+            if str(exc).startswith(str(path)):
+                raise
+            raise RepositoryError(f"{path}: {exc}") from None
         if manifest.id != point_id:
             raise RepositoryError(f"{path}: holds restore point {manifest.id}, not {point_id}")
         return manifest
@@ -318,16 +433,31 @@ class Repository:
 
     # -- maintenance ----------------------------------------------------------------------------------------------
 
-    def verify(self, workers: int = 4) -> VerifyReport:
-        """Re-read, decompress and re-hash every referenced chunk; quarantine corrupt ones; report missing and corrupt
-        chunks and what they break, and the broken points."""
-        return verify(self, workers)
+    def verify(self, workers: int = 4, sample: Sample | None = None) -> VerifyReport:
+        """Re-read, decompress and re-hash every referenced chunk (or, with `sample`, a seeded random subset of
+        them); quarantine corrupt ones; report missing and corrupt chunks and what they break, and the broken
+        points."""
+        return verify(self, workers, sample)
 
     def prune(self, forget: Collection[str] = ()) -> PruneResult:
         """Under the exclusive lock: delete the restore points in `forget` (broken ones included), every chunk no
         remaining point references, the quarantined chunk files no longer needed, and stale files in `tmp/`.
         Refused while a remaining point is broken."""
         return prune(self, forget)
+
+
+def _read_slots(keys: Path) -> list[KeySlot]:
+    """Every readable key slot in `keys/` (an unreadable slot file is skipped: another slot may open)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in sorted(keys.glob("*.json")):
+            try:
+                slot = read_record(path, KeySlot)
+            except RepositoryError:
+                continue
+            if slot.id == path.name.removesuffix(".json"):
+                found.append(slot)
+    return found
 
 
 class _Gone(RepositoryError):

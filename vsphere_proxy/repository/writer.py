@@ -218,7 +218,8 @@ class PointWriter:
             try:
                 for directory in sorted(self._dirs):
                     fsync_dir(directory)
-                write_atomic(self._points / f"{self.id}.json", dump_record(manifest), self._scratch, sync_dir=True,
+                record = self._store.codec.seal_record("point", self.id, dump_record(manifest))
+                write_atomic(self._points / f"{self.id}.json", record, self._scratch, sync_dir=True,
                              stem="point-", repository=self._store.repository)
             except RepositoryFull as exc:
                 self._fault = exc
