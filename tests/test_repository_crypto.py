@@ -27,6 +27,8 @@ from vsphere_proxy.repository import (
     new_key_file,
     read_key_file,
 )
+from vsphere_proxy.repository.format import dump_record
+from vsphere_proxy.repository.keys import MasterKey, make_slot
 
 BLOCK = 4 << 20
 CHEAP = KdfCost(time_cost=1, memory_kib=8192)  # a real argon2id, at its smallest allowed cost: fast tests
@@ -61,7 +63,7 @@ def test_an_encrypted_repository_restores_bit_for_bit_and_names_chunks_by_a_keye
     point = backup(sealed, "vm-1", data)
     config = json.loads((sealed.path / "config").read_text())
     assert config["version"] == 2 and config["chunk_hash"] == "hmac-sha256"
-    assert config["encryption"] == {"cipher": "aes-256-gcm", "key_size": 64}
+    assert config["encryption"]["cipher"] == "aes-256-gcm" and config["encryption"]["key_size"] == 64
     plain_ids = {hashlib.sha256(data[o:o + BLOCK]).hexdigest() for o in range(0, len(data), BLOCK)}
     stored = {p.name for p in (sealed.path / "chunks").rglob("*") if p.is_file()}
     assert stored and not stored & plain_ids  # names leak no content
@@ -264,3 +266,18 @@ def test_a_clear_repository_where_encryption_is_configured_is_refused(tmp_path: 
     assert main(["verify", "--config", str(clear)]) == 2
     assert "the repository is encrypted: a passphrase or a key file is needed (repository.encryption)" \
         in capsys.readouterr().err
+
+
+def test_a_slot_left_by_an_interrupted_init_never_opens_the_repository(tmp_path: Path) -> None:
+    """An init killed after writing its slot but before `config` leaves a slot wrapping a master key nobody uses;
+    with the same repository id (a key file made for it) and passphrase it decrypts, to the wrong key, and is
+    passed over (`encryption.key_check`)."""
+    repo = Repository.init(tmp_path / "repo", PASS, cost=CHEAP)
+    data = image(7)
+    point = backup(repo, "vm-1", data)
+    stale = make_slot(repo.config.id, MasterKey.new(), PASS, "", CHEAP)
+    stale = stale.model_copy(update={"id": "0000000000000000"})  # tried first
+    (repo.keys_dir / f"{stale.id}.json").write_bytes(dump_record(stale))
+    again = Repository.open(repo.path, PASS)
+    assert again.slot == repo.slot
+    assert again.restore(point.id, 0, tmp_path / "x.img").sha256 == hashlib.sha256(data).hexdigest()

@@ -12,6 +12,7 @@ from vsphere_proxy.repository import (
     KeyProblem,
     Repository,
     Secret,
+    WrongKey,
     new_key_file,
     passphrase_from_env,
     passphrase_from_file,
@@ -55,10 +56,13 @@ def open_repository(path: Path, enc: EncryptionConfig | None, *, create: bool = 
         repo = Repository.init(path, secret, label=enc.label, cost=kdf_cost(enc), repo_id=repo_id)
     elif enc is not None:
         secret = secret_for(enc, f"{where}.encryption")
-        if create:
-            repo = Repository.init(path, secret, label=enc.label, cost=kdf_cost(enc))
-        else:
-            repo = Repository.open(path, secret)
+        try:
+            if create:
+                repo = Repository.init(path, secret, label=enc.label, cost=kdf_cost(enc))
+            else:
+                repo = Repository.open(path, secret)
+        except WrongKey as exc:
+            raise WrongKey(f"{where}.encryption: {exc}") from None
     else:
         repo = Repository.init(path) if create else Repository.open(path)
     if enc is not None and not repo.encrypted:

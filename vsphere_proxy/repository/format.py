@@ -252,6 +252,7 @@ class Encryption(_Record):
 
     cipher: Literal["aes-256-gcm"] = "aes-256-gcm"
     key_size: Literal[64] = 64
+    key_check: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # names the master key
 
 
 class RepoConfig(_Record):

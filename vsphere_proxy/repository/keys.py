@@ -8,6 +8,7 @@ secret's value.
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
 import secrets
@@ -33,6 +34,7 @@ KEY_FILE_KIND = "vsphere-proxy key file"
 MIN_PASSPHRASE = 8
 _SLOT_AD = b"vsphere-proxy key slot\0"
 _HKDF_INFO = b"vsphere-proxy key slot"
+_CHECK = b"vsphere-proxy key check\0"
 
 SlotKind = Literal["passphrase", "keyfile"]
 
@@ -72,6 +74,11 @@ class MasterKey:
 
     def codec(self) -> Sealed:
         return Sealed(self.material[:32], self.material[32:])
+
+    def check(self, repository: str) -> str:
+        """`config.encryption.key_check`: names this master key (and no other) for `repository`, revealing
+        nothing of it."""
+        return hmac.digest(self.material[32:], _CHECK + repository.encode(), "sha256").hex()[:32]
 
 
 class Kdf(BaseModel):
@@ -148,13 +155,14 @@ def open_slot(repository: str, slot: KeySlot, secret: Secret) -> MasterKey | Non
     return MasterKey(material) if len(material) == MASTER_KEY_BYTES else None
 
 
-def unlock(repository: str, slots: list[KeySlot], secret: Secret) -> tuple[MasterKey, str]:
-    """The master key and the id of the first slot `secret` opens; `WrongKey` when none does."""
+def unlock(repository: str, slots: list[KeySlot], secret: Secret, key_check: str) -> tuple[MasterKey, str]:
+    """The master key and the id of the first slot `secret` opens to the repository's master key (`key_check`; a
+    slot an interrupted `init` left wraps another); `WrongKey` when none does."""
     if secret.kind == "keyfile" and secret.repository and secret.repository != repository:
         raise WrongKey(f"{secret.source or 'key file'}: belongs to repository {secret.repository}, not {repository}")
     for slot in slots:
         master = open_slot(repository, slot, secret)
-        if master is not None:
+        if master is not None and hmac.compare_digest(master.check(repository), key_check):
             return master, slot.id
     what = "passphrase" if secret.kind == "passphrase" else "key file"
     where = f" ({secret.source})" if secret.source else ""

@@ -120,15 +120,17 @@ class Repository:
             problem = ensure_lock_file(path / "locks")
             if problem is not None:
                 raise problem
+            if repo_id is None and secret is not None and secret.kind == "keyfile" and secret.repository:
+                repo_id = secret.repository  # a key file made for this repository by an init that did not finish
             repo_id = repo_id or secrets.token_hex(16)
             master: MasterKey | None = None
             slot: KeySlot | None = None
             if secret is None:
                 config = RepoConfig(id=repo_id, created=datetime.now(UTC))
             else:
-                config = RepoConfig(version=ENCRYPTED_VERSION, id=repo_id, chunk_hash="hmac-sha256",
-                                    created=datetime.now(UTC), encryption=Encryption())
                 master = MasterKey.new()
+                config = RepoConfig(version=ENCRYPTED_VERSION, id=repo_id, chunk_hash="hmac-sha256",
+                                    created=datetime.now(UTC), encryption=Encryption(key_check=master.check(repo_id)))
                 slot = make_slot(repo_id, master, secret, label, cost)
                 (path / "keys").mkdir(exist_ok=True)
                 write_atomic(path / "keys" / f"{slot.id}.json", dump_record(slot), path / "tmp", sync_dir=True,
@@ -184,7 +186,8 @@ class Repository:
         slots = _read_slots(path / "keys")
         if not slots:
             raise RepositoryError(f"{path}: an encrypted repository without any key slot (keys/ is empty)")
-        master, slot = unlock(config.id, slots, secret)
+        assert config.encryption is not None
+        master, slot = unlock(config.id, slots, secret, config.encryption.key_check)
         return cls(path, config, master, slot)
 
     # -- keys -----------------------------------------------------------------------------------------------------
