@@ -58,12 +58,14 @@ def _testbed(args: argparse.Namespace) -> Iterator[tuple[Vcsim, Path, str]]:
 def demo(args: argparse.Namespace) -> int:
     """Run the product against the testbed: what vCenter holds, the plan, a backup of every VM, a restore of one
     disk checked against the image the testbed wrote, the same VM restored into vCenter as a new VM (its NICs moved
-    to another network), a verify of the repository, the jobs in the catalog."""
+    to another network), a copy into an encrypted second repository (twice: the second writes nothing), what a
+    retention policy would forget, a sampled and a full verify of the repository, the jobs in the catalog."""
     with _testbed(args) as (sim, config, _password):
         topology = topo.load(args.topology.resolve())
         disk = next(d for d in topo.disks(topology, sim.datastores, args.disk_scale) if d.vm == "db-01")
         expected = sha256_file(disk.path)
         restored = config.parent / f"{disk.vm}-disk{disk.index}.img"
+        dr, dr_key = config.parent / "dr-repository", config.parent / "dr.key"  # an encrypted copy, its key file
         steps: list[tuple[list[str], set[int]]] = [
             (["discover"], {0}),
             (["plan"], {0}),
@@ -73,6 +75,10 @@ def demo(args: argparse.Namespace) -> int:
               "--dry-run"], {0}),
             (["restore", "vm", "--vm", disk.vm, "--name", f"{disk.vm}-restored", "--network-map", "Prod-Net=DR-Net",
               "--power-on"], {0}),
+            (["copy", "--to-repository", str(dr), "--to-key-file", str(dr_key)], {0}),
+            (["copy", "--to-repository", str(dr), "--to-key-file", str(dr_key)], {0}),
+            (["forget", "--keep-last", "1", "--dry-run"], {0}),
+            (["verify", "--sample", "10%"], {0}),
             (["verify"], {0}),
             (["jobs"], {0}),
         ]

@@ -113,18 +113,22 @@ def _open_target(target: CopyTargetConfig, source: Repository) -> Repository:
     return repo
 
 
+def _chunks(n: int) -> str:
+    return f"{n} chunk{'' if n == 1 else 's'}"
+
+
 def print_report(report: CopyReport) -> None:
     out = console()
     r = report.result
     for p in r.points:
         colour = {"copied": "green", "failed": "red"}.get(p.status, "")
-        detail = f"  {p.chunks_written} chunks, {human_size(p.bytes_written)}" if p.status == "copied" else ""
+        detail = f"  {_chunks(p.chunks_written)}, {human_size(p.bytes_written)}" if p.status == "copied" else ""
         out.print(line(styled(f"{p.status:<10}", colour), f" {p.id}  ", p.vm, detail,
                        f"  {p.error}" if p.error else ""), soft_wrap=True)
     skipped = sum(1 for p in r.points if p.status == "skipped")
     out.print(line(f"copy to {report.target}: {len(r.copied)} copied, {skipped} already there, {len(r.failed)} "
-                   f"failed of {report.selected} selected; {r.chunks_written} chunks written "
-                   f"({human_size(r.chunk_bytes_written)}), {r.chunks_verified} chunks checked on the target, "
+                   f"failed of {report.selected} selected; {_chunks(r.chunks_written)} written "
+                   f"({human_size(r.chunk_bytes_written)}), {_chunks(r.chunks_verified)} checked on the target, "
                    f"{r.seconds:.1f} s"), soft_wrap=True)
     if report.retention is not None:
         after = report.retention
