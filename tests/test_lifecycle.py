@@ -363,3 +363,55 @@ def test_forget_prune_and_copy_killed_at_random_moments_lose_nothing(tmp_path: P
     restores(done, expected, tmp_path)
     assert runs >= 20 and killed >= 16, (runs, killed)
 
+
+
+# -- a full target ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    where = tmp_path / "small"
+    where.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def test_a_copy_into_a_full_repository_ends_cleanly_and_resumes(repo: Repository, tmp_path: Path, small_fs: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    expected = {}
+    for n in range(4):  # incompressible: 4 MiB chunk files, the tmpfs holds one
+        data = os.urandom(BLOCK) + os.urandom(1000)
+        expected[backup(repo, "vm-a", data, T0 + timedelta(days=n)).id] = hashlib.sha256(data).hexdigest()
+    target = small_fs / "dr"
+    config = write_config(tmp_path, repo.path, repositories=[{"name": "dr", "path": str(target)}])
+    code, _, err = cli(capsys, "copy", "--config", str(config))
+    assert code == 4 and err.count("\n") == 1
+    assert "repository full: " in err and f"bytes free on {target}" in err
+    copied = Repository.open(target)
+    assert 1 <= len(copied.points()) < 4 and not list(copied.scratch.iterdir())  # no half-written file left
+    restores(copied, expected, tmp_path)
+    with open(small_fs / "filler", "wb", buffering=0) as f:  # not one byte left
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(bytes(size))
+            except OSError:
+                pass
+    (tmp_path / "on-target").mkdir()
+    code, _, err = cli(capsys, "protect", "--config", str(write_config(tmp_path / "on-target", target)), "--point",
+                       copied.points()[0].id)
+    assert code == 4 and err.count("\n") == 1 and "repository full: 0 bytes free" in err
+    assert not copied.holds() and not list(copied.scratch.iterdir())  # nothing half-written
+    for m in copied.points():  # forget and prune work on a full file system
+        copied.forget([m.id])
+    assert copied.prune().bytes_removed > 0
+    (small_fs / "filler").unlink()
+    code, out, _ = cli(capsys, "copy", "--config", str(config), "--latest", "1", "--json")
+    assert code == 0 and json.loads(out)["copied"] == 1
+    restores(Repository.open(target), expected, tmp_path)

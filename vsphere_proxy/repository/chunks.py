@@ -144,13 +144,26 @@ class ChunkStore:
     def get(self, chunk: str, length: int) -> bytes:
         """The chunk's content, checked: `length` bytes whose SHA-256 is `chunk`. A chunk that fails the check is
         quarantined before `ChunkCorrupt` is raised."""
-        return self._read(chunk, length)[1]
+        return self._read(chunk, length)[2]
 
     def get_checked_file(self, chunk: str, length: int) -> bytes:
         """The chunk file's bytes, after checking them as `get` does (for a copy into a store of the same codec)."""
         return self._read(chunk, length)[0]
 
-    def _read(self, chunk: str, length: int) -> tuple[bytes, bytes]:
+    def get_frame(self, chunk: str, length: int) -> tuple[bytes, bytes]:
+        """The chunk's zstd frame (opened, when sealed) and its content, checked as `get` does (for a copy into a
+        store of another codec: the frame need not be compressed again)."""
+        _, frame, data = self._read(chunk, length)
+        return frame, data
+
+    def put_frame(self, chunk: str, frame: bytes) -> Stored:
+        """Store the zstd `frame` of chunk `chunk` (its id in this store, computed by the caller from the frame's
+        checked content), sealed as this store's codec seals, unless present."""
+        if self.path(chunk).exists():
+            return Stored(chunk, 0)
+        return self._write(chunk, self.codec.seal_chunk(chunk, frame))
+
+    def _read(self, chunk: str, length: int) -> tuple[bytes, bytes, bytes]:
         path = self.path(chunk)
         try:
             with open(path, "rb") as f:
@@ -161,8 +174,8 @@ class ChunkStore:
         except OSError as exc:  # an I/O error says nothing of the content: the file stays where it is
             raise ChunkUnreadable(f"chunk {chunk} is unreadable: {one_line(exc)}") from None
         problem = _check(self.codec, frame, chunk, length)
-        if isinstance(problem, bytes):
-            return frame, problem
+        if isinstance(problem, tuple):
+            return frame, *problem
         moved: Path | None = None
         try:
             moved = self.quarantine(chunk, seen)
@@ -227,8 +240,8 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _check(codec: Codec, raw: bytes, chunk: str, length: int) -> bytes | str:
-    """The chunk file's content if it is `length` bytes hashing to `chunk`, else what is wrong with it."""
+def _check(codec: Codec, raw: bytes, chunk: str, length: int) -> tuple[bytes, bytes] | str:
+    """The chunk file's frame and content if it is `length` bytes hashing to `chunk`, else what is wrong with it."""
     try:
         frame = codec.open_chunk(chunk, raw)
     except Unauthentic as exc:
@@ -246,4 +259,4 @@ def _check(codec: Codec, raw: bytes, chunk: str, length: int) -> bytes | str:
         return one_line(exc)
     if len(data) != length or codec.chunk_id(data) != chunk:
         return f"content does not match its {'HMAC-SHA-256' if codec.encrypted else 'SHA-256'}"
-    return data
+    return frame, data

@@ -87,9 +87,9 @@ class _Run:
         if self.raw:
             raw = self.source.chunks.get_checked_file(chunk, length)
             stored = target.put_file(chunk, raw)
-        else:
-            data = self.source.chunks.get(chunk, length)
-            stored = target.put(data)
+        else:  # another naming or sealing: the checked frame, sealed for the target (not compressed again)
+            frame, data = self.source.chunks.get_frame(chunk, length)
+            stored = target.put_frame(target.chunk_id(data), frame)
         self._map(chunk, stored.chunk)
         return stored.chunk, stored.written, length, target.path(stored.chunk).parent if stored.new else None
 
