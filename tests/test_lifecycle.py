@@ -200,10 +200,14 @@ def test_prune_reports_bytes_freed_and_waits_for_or_refuses_a_running_job(repo: 
     assert code == 5 and err.count("\n") == 1 and "repository is locked: shared lock by pid" in err
     code, out, _ = cli(capsys, "forget", "--config", str(config), "--keep-last", "1", "--vm", "vm-b", "--prune")
     assert code == 5 and "prune did not run: repository is locked" in out and len(repo.points("vm-b")) == 1
+    code, out, _ = cli(capsys, "prune", "--config", str(config), "--dry-run", "--json")  # beside the backup
+    would = json.loads(out)
+    assert code == 0 and would["dry_run"] and would["chunks_removed"] == len(unique) + 4
     threading.Timer(1.0, running.release).start()
     code, out, _ = cli(capsys, "prune", "--config", str(config), "--wait", "30", "--json")
     assert code == 0
     result = json.loads(out)
+    assert result["bytes_freed"] == would["bytes_freed"]
     freed_vm_b = result["bytes_freed"] - sizes
     assert result["chunks_removed"] == len(unique) + 4 and freed_vm_b > 0  # vm-b: 2 points' own 2 chunks each
     restores(repo, expected, tmp_path)

@@ -29,6 +29,8 @@ def build_parser(sub: Any) -> None:
     add_config_argument(p)
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for running jobs to release the repository (default 0: exit 5 at once)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="count what a prune would free now, deleting nothing (beside running jobs)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=do_prune)
 
@@ -38,14 +40,19 @@ def do_prune(args: argparse.Namespace) -> int:
     repo = open_repository(config)
     out = console()
     try:
-        result = prune_waiting(repo, args.wait,
-                               on_wait=None if args.json else lambda text: out.print(text, soft_wrap=True))
+        if args.dry_run:
+            result = repo.prune(dry_run=True)
+        else:
+            result = prune_waiting(repo, args.wait,
+                                   on_wait=None if args.json else lambda text: out.print(text, soft_wrap=True))
     except RepositoryError as e:
         raise repository_failure(e) from None
     if args.json:
-        emit_json(prune_json(result))
+        emit_json({**prune_json(result), "dry_run": args.dry_run})
     else:
-        out.print(line(f"pruned: {result.chunks_removed} chunks removed, {human_size(result.bytes_removed)} "
-                       f"freed, {result.chunks_kept} chunks kept, {result.tmp_removed} temporary files and "
-                       f"{result.quarantine_removed} quarantined files removed"), soft_wrap=True)
+        did = ("would remove", "would free") if args.dry_run else ("removed", "freed")
+        out.print(line(f"{'would prune' if args.dry_run else 'pruned'}: {result.chunks_removed} chunks {did[0]}, "
+                       f"{human_size(result.bytes_removed)} {did[1]}, {result.chunks_kept} chunks kept, "
+                       f"{result.tmp_removed} temporary files and {result.quarantine_removed} quarantined files "
+                       f"{did[0]}"), soft_wrap=True)
     return EXIT_OK

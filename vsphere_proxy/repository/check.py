@@ -192,12 +192,12 @@ def verify(repo: Repository, workers: int = 4, sample: Sample | None = None) -> 
                         sample=sample)
 
 
-def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
+def prune(repo: Repository, forget: Collection[str] = (), *, dry_run: bool = False) -> PruneResult:
     """Delete the restore points in `forget` (broken ones included), then every chunk no remaining point references
     and the quarantined files no longer needed, then `tmp/`. Refused while a remaining point is broken: its
-    references are unknown."""
+    references are unknown. With `dry_run`, count what would be deleted, under a shared lock, deleting nothing."""
     forget = sorted(set(forget))
-    with repo.lock("exclusive", "prune"):
+    with repo.lock("shared" if dry_run else "exclusive", "prune"):
         for point_id in forget:  # refuse unknown ids before deleting anything
             if not (repo.points_dir / f"{check_point_id(point_id)}.json").exists():
                 raise RepositoryError(f"no restore point {point_id} in {repo.path}")
@@ -206,11 +206,13 @@ def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
         if refused:
             raise PointHeld(f"restore point {refused[0]} is held ({held[refused[0]].describe()}); nothing was "
                             "forgotten or pruned: unprotect it first")
-        for point_id in forget:
+        for point_id in [] if dry_run else forget:
             (repo.points_dir / f"{point_id}.json").unlink()
-        if forget:
+        if forget and not dry_run:
             fsync_dir(repo.points_dir)
         manifests, broken = repo.scan()
+        manifests = [m for m in manifests if m.id not in forget]
+        broken = [b for b in broken if b.id not in forget]
         if broken:
             first = broken[0]
             more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
@@ -222,21 +224,22 @@ def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
             if chunk in live:
                 kept += 1
                 continue
-            removed_bytes += _remove(path)
+            removed_bytes += _remove(path, dry_run)
             removed += 1
         quarantine = 0
         for q in repo.chunks.quarantined():
             if q.rewritten or q.chunk not in live:
-                removed_bytes += _remove(q.path)
+                removed_bytes += _remove(q.path, dry_run)
                 quarantine += 1
         tmp = 0
         with os.scandir(repo.scratch) as entries:
             for entry in entries:
                 if entry.is_file(follow_symlinks=False):
-                    remove_quietly(repo.scratch / entry.name)
+                    if not dry_run:
+                        remove_quietly(repo.scratch / entry.name)
                     tmp += 1
         points = {m.id for m in manifests}
-        orphans = [p for p in held if p not in points]
+        orphans = [] if dry_run else [p for p in held if p not in points]
         for point_id in orphans:  # a hold whose point is gone means nothing
             remove_quietly(repo.holds_dir / f"{point_id}.json")
         if orphans:
@@ -245,11 +248,12 @@ def prune(repo: Repository, forget: Collection[str] = ()) -> PruneResult:
                        chunks_kept=kept, tmp_removed=tmp, quarantine_removed=quarantine)
 
 
-def _remove(path: Path) -> int:
-    """Delete a file of the chunk store; its size."""
+def _remove(path: Path, dry_run: bool = False) -> int:
+    """Delete a file of the chunk store (not with `dry_run`); its size."""
     try:
         size = path.stat().st_size
-        path.unlink()
+        if not dry_run:
+            path.unlink()
     except OSError as exc:
         raise RepositoryError(f"prune: cannot remove {path}: {one_line(exc)}") from None
     return size

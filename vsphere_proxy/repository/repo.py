@@ -442,11 +442,11 @@ class Repository:
         points."""
         return verify(self, workers, sample)
 
-    def prune(self, forget: Collection[str] = ()) -> PruneResult:
+    def prune(self, forget: Collection[str] = (), *, dry_run: bool = False) -> PruneResult:
         """Under the exclusive lock: delete the restore points in `forget` (broken ones included), every chunk no
         remaining point references, the quarantined chunk files no longer needed, and stale files in `tmp/`.
-        Refused while a remaining point is broken."""
-        return prune(self, forget)
+        Refused while a remaining point is broken. With `dry_run`, what it would delete, under a shared lock."""
+        return prune(self, forget, dry_run=dry_run)
 
 
 def _read_slots(keys: Path) -> list[KeySlot]:
