@@ -49,6 +49,7 @@ class BackupReport:
     left_behind: tuple[str, ...] = ()  # snapshots and hot-added disks cleanup could not remove (next sweep does)
     problems: tuple[str, ...] = ()  # job-level failures besides the VMs' (the catalog could not record the end)
     retention: dict[str, Any] | None = None  # policy.retention.after_backup: what the retention run decided and did
+    hooks: tuple[dict[str, Any], ...] = ()  # every hook run of the job (`vsphere_proxy.hooks.HookRun.to_json`)
 
     @property
     def status(self) -> str:
@@ -76,6 +77,7 @@ class BackupReport:
             "left_behind": list(self.left_behind),
             "problems": list(self.problems),
             "retention": self.retention,
+            "hooks": list(self.hooks),
             "vms": [v.to_json() for v in self.vms],
         }
 

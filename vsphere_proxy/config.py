@@ -20,6 +20,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -433,6 +434,69 @@ class DashboardConfig(_Strict):
         return env.get(self.token_env) or None
 
 
+HookPolicy = Literal["fail_job", "skip_vm", "ignore"]
+HOOK_EVENTS = ("before_job", "after_job", "before_vm", "after_vm", "on_failure")
+# what a hook that fails does when its `on_error` is not written: a failing `before_*` stops what it precedes
+DEFAULT_HOOK_POLICY: dict[str, HookPolicy] = {"before_job": "fail_job", "before_vm": "skip_vm",
+                                              "after_vm": "ignore", "after_job": "ignore", "on_failure": "ignore"}
+
+
+class HookConfig(_Strict):
+    """One command a job runs at an event: an argv list (no shell), or a string with `shell: true` written."""
+
+    command: Annotated[list[str], Field(min_length=1)] | str
+    shell: bool = False
+    timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    on_error: HookPolicy | None = None  # default: DEFAULT_HOOK_POLICY of its event
+    output_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 8192  # of its output kept in the job report
+
+    @model_validator(mode="after")
+    def _shape(self) -> HookConfig:
+        if isinstance(self.command, str) and not self.shell:
+            raise ValueError("command: a string runs through a shell only with `shell: true` written; "
+                             "otherwise give an argv list")
+        if isinstance(self.command, list) and self.shell:
+            raise ValueError("command: with `shell: true`, give one string")
+        if isinstance(self.command, str) and not self.command.strip():
+            raise ValueError("command: must not be empty")
+        return self
+
+
+def _hook_list(v: Any) -> Any:
+    return [v] if isinstance(v, dict | str) else v
+
+
+HookList = Annotated[list[HookConfig], BeforeValidator(_hook_list)]
+
+
+class HooksConfig(_Strict):
+    """Commands the backup job runs (README, "Calling vsphere-proxy from your backup software"), each event's in
+    order."""
+
+    before_job: HookList = []
+    after_job: HookList = []
+    before_vm: HookList = []
+    after_vm: HookList = []
+    on_failure: HookList = []
+
+    @model_validator(mode="after")
+    def _policies(self) -> HooksConfig:
+        for event in HOOK_EVENTS:
+            for i, hook in enumerate(getattr(self, event)):
+                if hook.on_error == "skip_vm" and event != "before_vm":
+                    raise ValueError(f"{event}[{i}].on_error: skip_vm is for before_vm hooks only")
+        return self
+
+    def of(self, event: str) -> list[HookConfig]:
+        return list(getattr(self, event))
+
+    def policy(self, event: str, hook: HookConfig) -> HookPolicy:
+        return hook.on_error or DEFAULT_HOOK_POLICY[event]
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, event) for event in HOOK_EVENTS)
+
+
 class CopySelect(_Strict):
     """Which restore points a copy job copies: of these VMs (default all), started within `since` of now
     (default any time), each VM's `latest` newest ones (default all)."""
@@ -475,6 +539,18 @@ class Config(_Strict):
     distributed: DistributedConfig | None = None  # needed by `worker` and `backup --engine celery`
     dashboard: DashboardConfig = DashboardConfig()  # `serve`
     repositories: list[CopyTargetConfig] = []  # copy targets (`copy --to NAME`)
+    hooks: HooksConfig = HooksConfig()  # commands `backup` runs before and after the job and each VM
+
+    def secret_env_names(self) -> set[str]:
+        """The environment variables this configuration reads secrets from (kept out of every hook's
+        environment)."""
+        names = {self.vcenter.credentials.password_env}
+        encryptions = [self.repository.encryption if self.repository else None,
+                       *(r.encryption for r in self.repositories)]
+        names |= {e.passphrase_env for e in encryptions if e is not None and e.passphrase_env}
+        if self.distributed is not None and self.distributed.password_env:
+            names.add(self.distributed.password_env)
+        return names
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -480,14 +480,20 @@ class Coordinator:
         self._narrow(run)
         return self.schedule()
 
-    def on_complete(self, vm: str, ok: bool, error: str = "", attempt: int | None = None) -> list[Assignment]:
-        """The attempt ended: success removes the VM from the job, failure strands it until the next round."""
+    def on_complete(self, vm: str, ok: bool, error: str = "", attempt: int | None = None, *,
+                    final: bool = False) -> list[Assignment]:
+        """The attempt ended: success removes the VM from the job, failure strands it until the next round, or
+        with `final` fails it for the whole job at once (nothing can change in a later round)."""
         run = self._live(vm, attempt)
         if run is None:
             return []
         self._drop_streams(run)
         if ok:
             self._set(run, VmStatus.DONE, f"backed up by {run.proxy} ({run.mode}) in round {self.round}")
+        elif final:
+            run.error = error or "failed"
+            self._set(run, VmStatus.FAILED, f"attempt {run.attempts} on {run.proxy} failed, not retried: "
+                                            f"{run.error}")
         else:
             run.error = error or "failed"
             self._set(run, VmStatus.STRANDED, f"attempt {run.attempts} on {run.proxy} failed: {run.error}")

@@ -17,3 +17,8 @@ class JobFault(Exception):
 class Unresponsive(JobFault):
     """A service the job needs (vCenter, its datastore HTTP endpoint, the Automation API) did not answer within
     its bound: "vCenter did not answer in N s"."""
+
+
+class VmFault(Exception):
+    """A fault that ends one VM for the whole job: it is not tried again in a later round (a `before_vm` hook
+    refused it). Its message is the VM's reason."""

@@ -114,6 +114,10 @@ def print_report(report: BackupReport) -> None:
         ("detached left-behind disks", data["swept"]["attached_disks"]),
         (styled("cleanup errors", "red"), data["swept"]["errors"]),
         (styled("left behind (the next job's sweep removes them)", "red"), data["left_behind"]),
+        ("hooks", [f"{h['event']} {h['command']}" + (f" ({h['vm']})" if h["vm"] else "") + ": "
+                   + ("ok" if h["ok"] else "exited " + str(h["exit_code"]) if h["exit_code"] is not None
+                      else "timed out" if h["timed_out"] else f"not started: {h['error']}")
+                   for h in data["hooks"]]),
         (styled("job errors", "red"), data["problems"]),
         ("retention", _retention_lines(report.retention))),
         f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}")

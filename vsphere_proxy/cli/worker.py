@@ -26,6 +26,7 @@ from vsphere_proxy.config import ConfigError
 from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.events import AttemptEnd
 from vsphere_proxy.engine.session import Preparer
+from vsphere_proxy.hooks import Hooks, before_vm_gate
 from vsphere_proxy.jobs.errors import JobError
 from vsphere_proxy.jobs.fleet import redis_client
 from vsphere_proxy.jobs.recorder import record_attempt
@@ -86,8 +87,10 @@ def do_worker(args: argparse.Namespace) -> int:
             inventory["vms"] = {vm.name: vm for vm in backend.discover(tags=False).vms}  # the VMs as they are now
             vms = inventory["vms"]
             snapshotter = backend.snapshotter(vms, [proxy], str(job["id"]), quiesce=bool(job.get("quiesce", False)))
+            hooks = Hooks(config.hooks, str(job["id"]), config.job.name, config.secret_env_names())
             return RepositoryPreparer(snapshotter, repo, str(job["id"]), vms,
-                                      incremental=bool(job.get("incremental", True)))
+                                      incremental=bool(job.get("incremental", True)),
+                                      before=before_vm_gate(hooks) if config.hooks.before_vm else None)
 
         def record(job_id: str, end: AttemptEnd) -> None:
             record_attempt(catalog, job_id, end, inventory["vms"].get(end.vm))

@@ -257,8 +257,12 @@ class RepositoryPreparer:
     """Prepares attempts of one job: snapshot, then a restore point based on the VM's latest one."""
 
     def __init__(self, snapshotter: Snapshotter, repository: Repository, job_id: str, vms: Mapping[str, VM], *,
-                 incremental: bool = True, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 incremental: bool = True, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 before: Callable[[Assignment, VM], None] | None = None) -> None:
+        """`before`: called before each VM is snapshotted (the job's `before_vm` hooks); what it raises fails the
+        attempt (a `VmFault` fails the VM for the job, a `JobFault` ends the job)."""
         self.snapshotter = snapshotter
+        self.before = before
         self.repository = repository
         self.job_id = job_id
         self.vms = dict(vms)
@@ -275,6 +279,8 @@ class RepositoryPreparer:
         base = self._latest.get(vm.name)
         if base is not None and not base.vm.same_vm(identity):
             base = None  # a different VM under the same name: nothing to build on
+        if self.before is not None:
+            self.before(assignment, vm)
         snapshot = self.snapshotter.snapshot(assignment)
         try:
             saved = snapshot.saved()

@@ -106,7 +106,7 @@ class CeleryEngine:
             moved[0] = self.clock()
             if end.fault:
                 self.stop(end.fault, "failed")
-            call(coordinator.on_complete, end.vm, end.ok, end.error, attempt=end.attempt)
+            call(coordinator.on_complete, end.vm, end.ok, end.error, attempt=end.attempt, final=end.final)
             obs.attempt_ended(end)  # after the coordinator took it in: the VM's new state is readable
             obs.states_changed(coordinator, [end.vm])
 

@@ -104,7 +104,7 @@ class EmbeddedEngine:
         def ended(end: AttemptEnd) -> None:
             with lock:
                 moved[0] = self.clock()
-                following = coordinator.on_complete(end.vm, end.ok, end.error, attempt=end.attempt)
+                following = coordinator.on_complete(end.vm, end.ok, end.error, attempt=end.attempt, final=end.final)
                 watch.attempt_ended(end)  # after the coordinator took it in: the VM's new state is readable
                 watch.states_changed(coordinator, (end.vm,))
                 submit(following)

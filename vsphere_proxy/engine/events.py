@@ -29,6 +29,7 @@ class AttemptEnd:
     read: str = ""
     left_behind: tuple[str, ...] = ()  # what cleanup could not remove (a snapshot, an attached disk), with why
     fault: str = ""  # set when the attempt ended on a fault that ends the whole job (`vsphere_proxy.faults`)
+    final: bool = False  # the attempt ended on a fault that ends its VM for the job (`faults.VmFault`): no retry
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.events import AttemptEnd, StreamResult
 from vsphere_proxy.engine.session import Finished, Preparer, VmSession
-from vsphere_proxy.faults import JobFault, Unresponsive
+from vsphere_proxy.faults import JobFault, Unresponsive, VmFault
 from vsphere_proxy.transports import read_blocks
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Attempt:
     idle_since: float | None = None  # no stream in flight since then
     ended: bool = False
     fault: str = ""  # the job-ending fault this attempt met, if any
+    final: bool = False  # it met a fault that ends its VM for the job (no later round tries it)
     left: list[str] = field(default_factory=list)  # what it may have left in vCenter, beyond its session's own
 
 
@@ -87,6 +88,8 @@ class StreamRunner:
 
     def _met(self, at: Attempt, exc: BaseException) -> None:
         """Keep a job-ending fault (the engine ends the job on it); other errors only fail the attempt."""
+        if isinstance(exc, VmFault):
+            at.final = True
         if isinstance(exc, JobFault):
             at.fault = at.fault or str(exc)
             with self.lock:
@@ -231,7 +234,8 @@ class StreamRunner:
                     self.closed.popitem(last=False)
         return AttemptEnd(at.vm, at.attempt, at.round, at.proxy, at.mode, ok, at.error, at.bytes_read,
                           result.bytes_written, self.clock() - at.started, result.point_id if ok else None,
-                          result.notes, result.stats, result.read, (*at.left, *result.left_behind), at.fault)
+                          result.notes, result.stats, result.read, (*at.left, *result.left_behind), at.fault,
+                          at.final)
 
     def end(self, key: AttemptKey, error: str, *, wait: float = 0.0, poll: float = 0.05) -> AttemptEnd | None:
         """End a running attempt now as failed (its streams stop at their next block); None when it ended. With

@@ -31,10 +31,12 @@ from vsphere_proxy.engine.events import AttemptEnd
 from vsphere_proxy.engine.lease import LeaseKeeper
 from vsphere_proxy.engine.protocol import Engine, JobObserver, Observer, Observers
 from vsphere_proxy.faults import JobFault
+from vsphere_proxy.hooks import Hooks, before_vm_gate
 from vsphere_proxy.jobs.backend import Swept, VCenterBackend
 from vsphere_proxy.jobs.errors import BadJob, JobFailed
 from vsphere_proxy.jobs.fleet import Fleet
 from vsphere_proxy.jobs.forget import apply_retention
+from vsphere_proxy.jobs.job_hooks import JobHooks, drain_quietly
 from vsphere_proxy.jobs.recorder import AttemptEnds, CatalogRecorder, record_states
 from vsphere_proxy.jobs.resume import Earlier
 from vsphere_proxy.jobs.setup import JobSetup, build_job, claim_vms, job_ledger, new_job_id, throttles
@@ -178,13 +180,21 @@ class BackupRun:
         ends = AttemptEnds(earlier.ends if earlier else ())
         recorder = CatalogRecorder(catalog, setup.job, vms, attempts=self.engine == "embedded",
                                    rounds=earlier.rounds if earlier else ())
-        watchers = Observers(ends, recorder, _CleanUpLost(backend, job_id, setup, vms), observer)
-        engine = self._engine(setup, vms, job_id, held.fleet)
+        hooks = Hooks(config.hooks, job_id, config.job.name, config.secret_env_names())
+        self._hooks = JobHooks(hooks, self.control, vms)
+        watchers = Observers(ends, recorder, _CleanUpLost(backend, job_id, setup, vms), self._hooks, observer)
+        engine = self._engine(setup, vms, job_id, held.fleet, hooks)
         with keeper, backend.keep_alive():
             self.control.attach(engine)
+            refused = self._hooks.before_job()
             try:
-                job_report = engine.run(coordinator, watchers)
+                if refused:  # a `fail_job` before_job hook failed: the job ends before its first snapshot
+                    coordinator.abort(refused, status="failed")
+                    job_report = coordinator.report()
+                else:
+                    job_report = engine.run(coordinator, watchers)
             except BaseException:
+                drain_quietly(self._hooks)
                 with contextlib.suppress(Exception):
                     self._keep_decisions(coordinator, job_id)
                 raise  # the job stays `running` in the catalog: `backup --resume` takes it over
@@ -195,14 +205,16 @@ class BackupRun:
         return self._finish(coordinator, job_report, earlier, ends.ends, skipped, busy, swept, dispatch, job_id,
                             late)
 
-    def _engine(self, setup: JobSetup, vms: dict[str, VM], job_id: str, fleet: Fleet | None) -> Engine:
+    def _engine(self, setup: JobSetup, vms: dict[str, VM], job_id: str, fleet: Fleet | None,
+                hooks: Hooks) -> Engine:
         policy = self.config.job.policy
         if fleet is not None:
             context = {"id": job_id, "incremental": policy.incremental, "quiesce": policy.quiesce,
                        "repository": str(self.repository.path)}
             return fleet.engine(context, stall_seconds=policy.stall_seconds)
         snapshotter = self.backend.snapshotter(vms, setup.proxies, job_id, quiesce=policy.quiesce)
-        preparer = RepositoryPreparer(snapshotter, self.repository, job_id, vms, incremental=policy.incremental)
+        preparer = RepositoryPreparer(snapshotter, self.repository, job_id, vms, incremental=policy.incremental,
+                                      before=before_vm_gate(hooks) if hooks.config.before_vm else None)
         return EmbeddedEngine(preparer, stall_seconds=policy.stall_seconds, throttle=throttles(self.config))
 
     def _keep_decisions(self, coordinator: Coordinator, job_id: str) -> None:
@@ -244,7 +256,7 @@ class BackupRun:
         retention = self.config.job.policy.retention
         if retention is not None and retention.after_backup and report.status == "complete":
             report = dataclasses.replace(report, retention=self._retention(retention, [v.vm for v in report.vms]))
-        return report
+        return self._hooks.finish(report, exit_code=lambda r: r.exit_code)
 
     def _retention(self, retention: RetentionConfig, vms: list[str]) -> dict[str, Any]:
         """`policy.retention.after_backup`: forget what the rules remove among these VMs' points, and prune when no
