@@ -6,8 +6,11 @@ terminal, then print its report. Exit 0 when every VM is backed up, 3 when some 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from typing import Any
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -15,6 +18,8 @@ from rich.table import Table
 
 from vsphere_proxy.backup_report import BackupReport
 from vsphere_proxy.cli.common import (
+    EXIT_BAD_INPUT,
+    CommandError,
     add_config_argument,
     console,
     emit_json,
@@ -31,9 +36,10 @@ from vsphere_proxy.cli.common import (
 from vsphere_proxy.cli.signals import stop_on_signals
 from vsphere_proxy.engine.control import JobControl
 from vsphere_proxy.engine.events import AttemptEnd
-from vsphere_proxy.engine.protocol import Observer
+from vsphere_proxy.engine.protocol import Observer, Observers
 from vsphere_proxy.jobs.backup import ENGINES, BackupRun
 from vsphere_proxy.jobs.errors import JobError
+from vsphere_proxy.jobs.job_events import EventWriter
 from vsphere_proxy.repository import RepositoryError
 from vsphere_proxy.units import human_size
 
@@ -49,6 +55,9 @@ def build_parser(sub: Any) -> None:
                         "(`vsphere-proxy worker`), per the config's `distributed` section")
     p.add_argument("--resume", metavar="JOB", help="take over job JOB, whose coordinator stopped: what it backed up "
                    "stays done, the rest is backed up")
+    p.add_argument("--events", metavar="FILE|-",
+                   help="write the job's events as JSON lines to FILE, or to stdout with - (docs/events.md); with -, "
+                        "the report goes to stderr")
     p.set_defaults(func=do_backup)
 
 
@@ -138,6 +147,36 @@ def _retention_lines(retention: dict[str, Any] | None) -> list[str]:
 
 
 def do_backup(args: argparse.Namespace) -> int:
+    if args.events == "-" and args.json:
+        raise CommandError("--events -: stdout carries the events; --json cannot go there too (use --events FILE)",
+                           EXIT_BAD_INPUT)
+    with open_events(args.events) as events:
+        try:
+            return _backup(args, events)
+        except CommandError as e:
+            if events is not None:
+                events.job_failed(str(e), e.code)
+            raise
+
+
+@contextmanager
+def open_events(where: str | None) -> Iterator[EventWriter | None]:
+    """The event stream `--events` names: stdout for `-`, else a new file (replacing one there)."""
+    if where is None:
+        yield None
+        return
+    if where == "-":
+        yield EventWriter(sys.stdout)
+        return
+    try:
+        stream = open(where, "w", encoding="utf-8")  # noqa: SIM115 - closed below, after the job's last event
+    except OSError as e:
+        raise CommandError(f"--events: cannot write {where}: {e.strerror or e}", EXIT_BAD_INPUT) from None
+    with stream:
+        yield EventWriter(stream)
+
+
+def _backup(args: argparse.Namespace, events: EventWriter | None) -> int:
     config = read_config(args.config)
     repo = open_repository(config, create=True)  # a bad repository is bad input: say so before touching vCenter
     control = JobControl()
@@ -145,23 +184,30 @@ def do_backup(args: argparse.Namespace) -> int:
     with stop_on_signals(control), vcenter(config) as found:
         catalog = open_catalog(config)
         display = ProgressDisplay({vm.name: vm.total_bytes for vm in found.inventory.vms}) \
-            if not args.json and out.is_terminal else None
+            if not args.json and out.is_terminal and args.events != "-" else None
+        watchers = Observers(*(o for o in (display, events) if o is not None))
         run = BackupRun(config, found.backend, repo, catalog, inventory=found.inventory, engine=args.engine,
                         resume=args.resume, control=control,
-                        say=None if display is None else lambda text: out.print(text, soft_wrap=True))
+                        say=None if display is None else lambda text: out.print(text, soft_wrap=True),
+                        on_start=events.job_started if events is not None else None)
         try:
             with display.progress if display is not None else nullcontext():
-                report = run.run(display)
+                report = run.run(watchers)
         except JobError as e:
             raise job_failure(e) from None
         except RepositoryError as e:
             raise repository_failure(e) from None
         finally:
             catalog.close()
+    if events is not None:
+        if events.problem:
+            report = dataclasses.replace(report, problems=(*report.problems, events.problem))
+        events.job_ended(report)
     if args.json:
         emit_json(report.to_json())
     else:
-        print_report(report)
+        with redirect_stdout(sys.stderr) if args.events == "-" else nullcontext():
+            print_report(report)
     request = control.request
     if report.status == "interrupted" and request is not None and request.signal is not None:
         return 128 + request.signal  # 130 after SIGINT, 143 after SIGTERM

@@ -44,6 +44,7 @@ from vsphere_proxy.ledger import Ledger
 from vsphere_proxy.model import VM, Inventory
 from vsphere_proxy.repository import Repository, RepositoryError
 
+JobStarted = Callable[[str, str, str, dict[str, int], list[str], dict[str, int]], None]
 ENGINES = ("embedded", "celery")
 
 
@@ -98,7 +99,9 @@ class BackupRun:
     def __init__(self, config: Config, backend: VCenterBackend, repository: Repository, catalog: Catalog, *,
                  inventory: Inventory | None = None, engine: str = "embedded", resume: str | None = None,
                  control: JobControl | None = None, say: Callable[[str], None] | None = None,
-                 ledger: Ledger | None = None) -> None:
+                 ledger: Ledger | None = None, on_start: JobStarted | None = None) -> None:
+        """`on_start(job_id, name, engine, {vm: bytes}, proxies, stream_limits)` hears the job start, before its
+        first VM (the event stream's `job_started`)."""
         if engine not in ENGINES:
             raise BadJob(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
         self.config = config
@@ -111,6 +114,7 @@ class BackupRun:
         self.control = control or JobControl()
         self.say = say or (lambda _: None)
         self.ledger = ledger  # the embedded engine's; default: `job_ledger(config)`, the host's shared file
+        self.on_start = on_start
 
     def run(self, observer: JobObserver | None = None) -> BackupReport:
         """Run the job to its end; its report. Raises `BadJob` (nothing done) or `JobFailed`."""
@@ -180,6 +184,9 @@ class BackupRun:
         ends = AttemptEnds(earlier.ends if earlier else ())
         recorder = CatalogRecorder(catalog, setup.job, vms, attempts=self.engine == "embedded",
                                    rounds=earlier.rounds if earlier else ())
+        if self.on_start is not None:
+            self.on_start(job_id, config.job.name, self.engine, {n: vm.total_bytes for n, vm in vms.items()},
+                          [p.name for p in setup.proxies], dict(coordinator.limits))
         hooks = Hooks(config.hooks, job_id, config.job.name, config.secret_env_names())
         self._hooks = JobHooks(hooks, self.control, vms)
         watchers = Observers(ends, recorder, _CleanUpLost(backend, job_id, setup, vms), self._hooks, observer)
