@@ -4,13 +4,16 @@ environment, timeouts enforced, each failure policy, output cut to its bound and
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -169,3 +172,53 @@ def test_a_shell_hook_runs_when_shell_is_written(vcsim: Any, tmp_path: Path) -> 
         "command": f"echo \"$VSPHERE_PROXY_STATUS\" > {tmp_path}/status", "shell": True}}, vms=["web-01"])
     assert code == 0, err
     assert (tmp_path / "status").read_text() == "complete\n"
+
+
+# -- notifications at the job's end ----------------------------------------------------------------------------------
+
+
+class _Inbox(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_partial_job_notifies_its_summary_and_an_unreachable_target_never_fails_a_job(vcsim: Any,
+                                                                                       tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Inbox)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        refuse = script(tmp_path / "refuse.sh", '[ "$VSPHERE_PROXY_VM" = app-02 ] || exit 0\necho no >&2\nexit 3\n')
+        data = yaml.safe_load(vcsim.config_path.read_text())
+        port = server.server_address[1]
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            dead = closed.getsockname()[1]  # nothing listens there once closed
+        data["notify"] = {"on": ["partial", "failed"], "urls": [f"json://127.0.0.1:{port}/inbox"],
+                          "urls_env": ["NOTIFY_TEST_URL"], "timeout_seconds": 10}
+        data["hooks"] = {"before_vm": {"command": [refuse], "on_error": "skip_vm"}}
+        data["repository"] = {"path": str(tmp_path / "repository")}
+        data["job"]["select"] = {"names": VMS}
+        config = tmp_path / "notify.yaml"
+        config.write_text(yaml.safe_dump(data))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VSPHERE_")} | {
+            "NOTIFY_TEST_URL": f"json://127.0.0.1:{dead}/nobody?token=sekrit-token"}
+        r = subprocess.run([sys.executable, "-m", "vsphere_proxy", "backup", "--config", str(config), "--json"],
+                           capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert r.returncode == 3, r.stderr  # partial, as without a notification: a failed target changes nothing
+        report = json.loads(r.stdout)
+        assert report["notify"]["wanted"] and report["notify"]["targets"] == 2 and report["notify"]["sent"] == 1
+        assert len(report["notify"]["problems"]) == 1 and "sekrit" not in r.stdout + r.stderr
+        (message,) = _Inbox.received
+        assert report["job_id"] in message["title"] and "partial" in message["title"]
+        assert "app-02: " in message["message"] and "skipped: before_vm hook 1" in message["message"]
+        assert "2 done, 1 failed" in message["message"]
+    finally:
+        server.shutdown()

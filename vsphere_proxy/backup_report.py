@@ -50,6 +50,8 @@ class BackupReport:
     problems: tuple[str, ...] = ()  # job-level failures besides the VMs' (the catalog could not record the end)
     retention: dict[str, Any] | None = None  # policy.retention.after_backup: what the retention run decided and did
     hooks: tuple[dict[str, Any], ...] = ()  # every hook run of the job (`vsphere_proxy.hooks.HookRun.to_json`)
+    notify: dict[str, Any] | None = None  # the job-end notification (`vsphere_proxy.notify.NotifyOutcome.to_json`)
+    seconds: float = 0.0  # the job's wall time
 
     @property
     def status(self) -> str:
@@ -78,6 +80,8 @@ class BackupReport:
             "problems": list(self.problems),
             "retention": self.retention,
             "hooks": list(self.hooks),
+            "notify": self.notify,
+            "seconds": round(self.seconds, 3),
             "vms": [v.to_json() for v in self.vms],
         }
 

@@ -31,6 +31,7 @@ from pydantic import (
 
 from vsphere_proxy.coordinator import DiskStreams, Policy
 from vsphere_proxy.model import Tag
+from vsphere_proxy.notify import NotifyConfig
 from vsphere_proxy.retention import Duration, Rules
 from vsphere_proxy.scheduler import StreamFormula
 
@@ -540,6 +541,7 @@ class Config(_Strict):
     dashboard: DashboardConfig = DashboardConfig()  # `serve`
     repositories: list[CopyTargetConfig] = []  # copy targets (`copy --to NAME`)
     hooks: HooksConfig = HooksConfig()  # commands `backup` runs before and after the job and each VM
+    notify: NotifyConfig | None = None  # job-end notifications through apprise
 
     def secret_env_names(self) -> set[str]:
         """The environment variables this configuration reads secrets from (kept out of every hook's
@@ -550,6 +552,8 @@ class Config(_Strict):
         names |= {e.passphrase_env for e in encryptions if e is not None and e.passphrase_env}
         if self.distributed is not None and self.distributed.password_env:
             names.add(self.distributed.password_env)
+        if self.notify is not None:
+            names |= set(self.notify.urls_env)
         return names
 
     @model_validator(mode="after")

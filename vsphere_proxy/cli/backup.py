@@ -128,6 +128,9 @@ def print_report(report: BackupReport) -> None:
                       else "timed out" if h["timed_out"] else f"not started: {h['error']}")
                    for h in data["hooks"]]),
         (styled("job errors", "red"), data["problems"]),
+        ("notified", [f"{data['notify']['sent']} of {data['notify']['targets']} targets"]
+         if data["notify"] and data["notify"]["wanted"] else []),
+        (styled("notification problems", "yellow"), data["notify"]["problems"] if data["notify"] else []),
         ("retention", _retention_lines(report.retention))),
         f"read {human_size(data['bytes_read'])}, stored {human_size(data['bytes_written'])}")
 

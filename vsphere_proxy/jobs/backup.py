@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import platform
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from vsphere_proxy.jobs.resume import Earlier
 from vsphere_proxy.jobs.setup import JobSetup, build_job, claim_vms, job_ledger, new_job_id, throttles
 from vsphere_proxy.ledger import Ledger
 from vsphere_proxy.model import VM, Inventory
+from vsphere_proxy.notify import notify_job
 from vsphere_proxy.repository import Repository, RepositoryError
 
 JobStarted = Callable[[str, str, str, dict[str, int], list[str], dict[str, int]], None]
@@ -127,6 +129,7 @@ class BackupRun:
 
     def _run(self, observer: JobObserver) -> BackupReport:
         config, catalog = self.config, self.catalog
+        self._started = time.monotonic()
         policy = config.job.policy
         fleet: Fleet | None = None
         try:
@@ -263,7 +266,11 @@ class BackupRun:
         retention = self.config.job.policy.retention
         if retention is not None and retention.after_backup and report.status == "complete":
             report = dataclasses.replace(report, retention=self._retention(retention, [v.vm for v in report.vms]))
-        return self._hooks.finish(report, exit_code=lambda r: r.exit_code)
+        report = dataclasses.replace(report, seconds=time.monotonic() - self._started)
+        report = self._hooks.finish(report, exit_code=lambda r: r.exit_code)
+        if self.config.notify is not None:  # last: it tells what the job and its hooks did; it never fails the job
+            report = dataclasses.replace(report, notify=notify_job(self.config.notify, report.to_json()).to_json())
+        return report
 
     def _retention(self, retention: RetentionConfig, vms: list[str]) -> dict[str, Any]:
         """`policy.retention.after_backup`: forget what the rules remove among these VMs' points, and prune when no
