@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -226,3 +227,27 @@ def test_a_locked_repository_is_exit_5_and_nothing_is_written(backed: Backed, tm
             assert "held by this test" in r.stderr, "the line names the holder"
     assert not out.exists()
     assert run("verify", "--config", str(backed.config)).returncode == 0, "free again once the holder let go"
+
+
+def test_a_disk_streams_to_stdout_raw_and_a_damaged_chunk_ends_it_short(backed: Backed, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VSPHERE_")}
+    disk = backed.disk()
+    argv = [sys.executable, "-m", "vsphere_proxy", "restore", "disk", "--config", str(backed.config), "--vm", VM,
+            "--disk", str(disk), "--to", "-"]
+    r = subprocess.run(argv, capture_output=True, env=env, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == backed.capacity() and hashlib.sha256(r.stdout).hexdigest() == backed.images[(VM, disk)]
+    assert f"sha256 {backed.images[(VM, disk)]}" in r.stderr.decode()
+    r = subprocess.run([*argv, "--json"], capture_output=True, env=env, timeout=300, check=False)
+    assert r.returncode == 2 and r.stdout == b"" and b"stdout carries the disk" in r.stderr
+
+    damaged = tmp_path / "repository"
+    shutil.copytree(backed.repo.path, damaged)
+    config = tmp_path / "c.yaml"
+    config.write_text(backed.config.read_text().replace(str(backed.repo.path), str(damaged)))
+    chunks = [c for c in backed.point.disk(disk).blocks if c is not None]
+    last = Repository.open(damaged).chunks.path(chunks[-1])
+    last.write_bytes(last.read_bytes()[:-8] + b"damaged!")
+    argv[argv.index(str(backed.config))] = str(config)
+    r = subprocess.run(argv, capture_output=True, env=env, timeout=300, check=False)
+    assert r.returncode == 4 and len(r.stdout) < backed.capacity() and b"is corrupt" in r.stderr

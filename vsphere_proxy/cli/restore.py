@@ -13,6 +13,7 @@ import argparse
 import errno
 import os
 import stat
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,8 @@ def build_parser(sub: Any) -> None:
     to = disk.add_mutually_exclusive_group(required=True)
     to.add_argument("--to", type=Path,
                     help="the flat image file to write, or a block device to write the disk into (no larger than "
-                         "the device; what lies beyond the disk's capacity is left as it is)")
+                         "the device; what lies beyond the disk's capacity is left as it is), or - for stdout (a "
+                         "raw stream)")
     to.add_argument("--to-vm", metavar="VM", help="add the disk to this existing VM in vCenter (a free SCSI slot), "
                     "written through the proxies")
     disk.add_argument("--datastore", help="with --to-vm: the datastore of the new disk (default: the VM's first "
@@ -321,6 +323,27 @@ def _disk_to_vm(args: argparse.Namespace, config: Any, repo: Repository) -> int:
         inventory=found.inventory, control=control))
 
 
+def _disk_to_stdout(args: argparse.Namespace, repo: Repository) -> int:
+    """`--to -`: the raw disk on stdout (a backup product's pipe, Bareos bpipe style); what a person reads goes to
+    stderr. A damaged chunk ends the stream short and the command fails (exit 4), so the reader knows."""
+    if args.json:
+        raise CommandError("--to -: stdout carries the disk; --json cannot go there too", EXIT_BAD_INPUT)
+    if sys.stdout.isatty():
+        raise CommandError("--to -: stdout is a terminal; pipe it into a file or a program", EXIT_BAD_INPUT)
+    try:
+        manifest = choose_point(repo, args.vm, args.point)
+        indexes = [d.index for d in manifest.disks]
+        if args.disk not in indexes:
+            raise CommandError(f"--disk: restore point {manifest.id} has disks {indexes}, not {args.disk}",
+                               EXIT_BAD_INPUT)
+        result = repo.stream(manifest.id, args.disk, sys.stdout.buffer)
+    except RepositoryError as e:
+        raise repository_failure(e) from None
+    print(f"streamed {args.vm} disk {args.disk} of {manifest.id}: {result.bytes} bytes, sha256 {result.sha256}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def do_restore_disk(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     repo = open_repository(config)
@@ -328,6 +351,8 @@ def do_restore_disk(args: argparse.Namespace) -> int:
         return _disk_to_vm(args, config, repo)
     if args.datastore is not None:
         raise CommandError("--datastore: only with --to-vm", EXIT_BAD_INPUT)
+    if str(args.to) == "-":
+        return _disk_to_stdout(args, repo)
     target = check_target(args.to, args.force)
     try:
         manifest = choose_point(repo, args.vm, args.point)

@@ -412,6 +412,16 @@ class Repository:
                 remove_quietly(tmp)
         return RestoreResult(out, disk.capacity, digest)
 
+    def stream(self, point_id: str, disk_index: int, out: BinaryIO) -> RestoreResult:
+        """Write disk `disk_index` of a restore point to `out` as a raw image from its first byte to its last
+        (holes as zeros), in order, without seeking: a pipe (`restore disk --to -`). Every chunk is checked on the
+        way; a damaged one ends the stream short, with the error."""
+        with self.lock("shared", f"stream {point_id} disk {disk_index}"):
+            disk = self.manifest(point_id).disk(disk_index)
+            digest = self._write_image(out, point_id, disk, sparse=False)
+            out.flush()
+        return RestoreResult(Path("-"), disk.capacity, digest)
+
     def _write_image(self, f: BinaryIO, point_id: str, disk: DiskRecord, *, sparse: bool = True) -> str:
         """Write the disk's blocks in order from the current position (holes as seeks when `sparse`, else as
         zeros); return the SHA-256 of the image."""
