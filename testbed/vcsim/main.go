@@ -194,6 +194,7 @@ func main() {
 		model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	}
 	server := model.Service.NewServer()
+	server.Config.Handler = wrapPrivileges(server.Config.Handler, model.Service)
 	facade := newAPIFacade(server.Config.Handler)
 	server.Config.Handler = facade
 

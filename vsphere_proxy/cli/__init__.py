@@ -17,6 +17,7 @@ from vsphere_proxy.cli import (
     jobs,
     key,
     plan,
+    privileges,
     protect,
     prune,
     report,
@@ -36,7 +37,7 @@ from vsphere_proxy.cli.common import (
 from vsphere_proxy.repository import RepositoryLocked
 
 COMMANDS = (discover, plan, backup, restore, verify, init, key, forget, prune, protect, copy, jobs, report, cbt,
-            simulate, worker, serve)
+            simulate, worker, serve, privileges)
 
 
 class _Parser(argparse.ArgumentParser):
