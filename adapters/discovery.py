@@ -227,7 +227,9 @@ def _disks(devices: Iterable[Any], datastores: dict[str, str]) -> tuple[tuple[Di
         disks.append(Disk(
             key=d.key, label=d.deviceInfo.label if d.deviceInfo else f"disk {d.key}", file=file, datastore=ds_name,
             capacity_bytes=capacity, controller=ctrl_name, unit=f"{prefix}{bus}:{d.unitNumber}", backing=kind, lun=lun,
+            mode=str(getattr(backing, "diskMode", "") or "persistent"),
         ))
+    disks.sort(key=lambda d: d.key)  # vCenter's device order, stable when a device is edited (moved last)
     return tuple(disks), tuple(passthrough)
 
 

@@ -147,7 +147,7 @@ def snapshot_disks(session: Session, snapshot_moref: str, *, retry: RetryPolicy 
     def read_disks() -> tuple[SnapshotDisk, ...]:
         ref = managed(session, vim.vm.Snapshot, snapshot_moref)
         devices = read_one(session, ref, ["config.hardware.device"]).get("config.hardware.device") or []
-        disks = [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+        disks = sorted((d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)), key=lambda d: d.key)
         names = datastore_names(session, (getattr(d.backing, "datastore", None) for d in disks))
         out = []
         for index, d in enumerate(disks):

@@ -4,7 +4,7 @@ and what the job-start sweeps cleaned up."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +89,8 @@ class BackupReport:
 def build_report(job_id: str, job: JobReport, ends: Iterable[AttemptEnd], skipped: Sequence[tuple[str, str]],
                  *, swept_snapshots: Sequence[str] = (), swept_disks: Sequence[str] = (),
                  cleanup_errors: Sequence[str] = (), dispatch: dict[str, Any] | None = None,
-                 left_behind: Sequence[str] = ()) -> BackupReport:
+                 left_behind: Sequence[str] = (),
+                 disk_notes: Mapping[str, Sequence[str]] | None = None) -> BackupReport:
     """Join the coordinator's outcomes with each VM's last attempt; `skipped` is (vm, reason)."""
     last: dict[str, AttemptEnd] = {}
     for e in ends:
@@ -107,7 +108,7 @@ def build_report(job_id: str, job: JobReport, ends: Iterable[AttemptEnd], skippe
             dedup_ratio=round(read / written, 2) if ok and written else None,
             seconds=round(e.seconds, 3) if e else 0.0, read=e.read if e and ok else "",
             point=e.point_id if e and ok else None, error=v.error, fell_back=v.fell_back,
-            notes=e.notes if e else (),
+            notes=(*(disk_notes or {}).get(v.vm, ()), *(e.notes if e else ())),
         ))
     lines += [VmLine(vm=name, status="skipped", error=reason) for name, reason in skipped]
     modes: dict[str, int] = {}

@@ -264,6 +264,10 @@ class PolicyConfig(_Strict):
     # dead, and only then may another job's sweep remove its snapshots and hot-added disks.
     lease_seconds: Annotated[float, Field(ge=3, le=3600)] = 60.0
     retention: RetentionConfig | None = None  # `forget` and `backup` (after_backup) apply it
+    # independent disks are not captured by snapshots: leave them out (reported), or fail the VM that has one
+    independent_disks: Literal["skip", "fail"] = "skip"
+    # disks never read: VM name pattern -> disk labels ("Hard disk 3") or indexes (0 = the VM's first disk)
+    exclude_disks: dict[str, list[str | int]] = {}
 
     @model_validator(mode="after")
     def _cap(self) -> PolicyConfig:

@@ -141,6 +141,13 @@ class Disk:
     unit: str  # scsi0:1
     backing: str = "flat"  # flat | rdm-virtual | rdm-physical | other
     lun: str = ""  # the LUN an RDM disk maps
+    mode: str = "persistent"  # the backing's diskMode: persistent | independent_persistent | independent_nonpersistent
+    excluded: str = ""  # why the job does not read it (`vsphere_proxy.disk_policy`); "" when it does
+
+    @property
+    def independent(self) -> bool:
+        """An independent disk: snapshots do not capture it (its writes go on past them)."""
+        return self.mode.startswith("independent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +198,9 @@ class VM:
 
     @property
     def backup_disks(self) -> tuple[Disk, ...]:
-        """The disks a backup reads: every disk but physical-mode RDMs (which snapshots cannot capture)."""
-        return tuple(d for d in self.disks if d.backing != "rdm-physical")
+        """The disks a backup reads: every disk but physical-mode RDMs (which snapshots cannot capture) and those
+        the job's policy excludes."""
+        return tuple(d for d in self.disks if d.backing != "rdm-physical" and not d.excluded)
 
     @property
     def datastores(self) -> tuple[str, ...]:

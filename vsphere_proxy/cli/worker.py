@@ -23,6 +23,7 @@ from vsphere_proxy.cli.common import (
     vcenter,
 )
 from vsphere_proxy.config import ConfigError
+from vsphere_proxy.disk_policy import choose_all
 from vsphere_proxy.engine.attempt import RepositoryPreparer
 from vsphere_proxy.engine.events import AttemptEnd
 from vsphere_proxy.engine.session import Preparer
@@ -84,13 +85,15 @@ def do_worker(args: argparse.Namespace) -> int:
             if job.get("repository") not in (None, str(repo.path)):
                 raise RuntimeError(f"job {job['id']} writes to repository {job['repository']}, this worker to "
                                    f"{repo.path}")
-            inventory["vms"] = {vm.name: vm for vm in backend.discover(tags=False).vms}  # the VMs as they are now
-            vms = inventory["vms"]
+            found_now = {vm.name: vm for vm in backend.discover(tags=False).vms}  # the VMs as they are now
+            choices = choose_all(found_now, policy.independent_disks, policy.exclude_disks)  # as the job chose
+            inventory["vms"] = vms = {name: c.vm for name, c in choices.items()}
             snapshotter = backend.snapshotter(vms, [proxy], str(job["id"]), quiesce=bool(job.get("quiesce", False)))
             hooks = Hooks(config.hooks, str(job["id"]), config.job.name, config.secret_env_names())
             return RepositoryPreparer(snapshotter, repo, str(job["id"]), vms,
                                       incremental=bool(job.get("incremental", True)),
-                                      before=before_vm_gate(hooks) if config.hooks.before_vm else None)
+                                      before=before_vm_gate(hooks) if config.hooks.before_vm else None,
+                                      refused={name: c.refused for name, c in choices.items() if c.refused})
 
         def record(job_id: str, end: AttemptEnd) -> None:
             record_attempt(catalog, job_id, end, inventory["vms"].get(end.vm))

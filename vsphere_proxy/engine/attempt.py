@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.session import Finished
+from vsphere_proxy.faults import VmFault
 from vsphere_proxy.model import VM
 from vsphere_proxy.repository import (
     BaseDamaged,
@@ -258,11 +259,14 @@ class RepositoryPreparer:
 
     def __init__(self, snapshotter: Snapshotter, repository: Repository, job_id: str, vms: Mapping[str, VM], *,
                  incremental: bool = True, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 before: Callable[[Assignment, VM], None] | None = None) -> None:
+                 before: Callable[[Assignment, VM], None] | None = None,
+                 refused: Mapping[str, str] | None = None) -> None:
         """`before`: called before each VM is snapshotted (the job's `before_vm` hooks); what it raises fails the
-        attempt (a `VmFault` fails the VM for the job, a `JobFault` ends the job)."""
+        attempt (a `VmFault` fails the VM for the job, a `JobFault` ends the job). `refused`: VM -> why the job's
+        policy does not back it up (an independent disk under `independent_disks: fail`): it fails at once."""
         self.snapshotter = snapshotter
         self.before = before
+        self.refused = dict(refused or {})
         self.repository = repository
         self.job_id = job_id
         self.vms = dict(vms)
@@ -279,6 +283,8 @@ class RepositoryPreparer:
         base = self._latest.get(vm.name)
         if base is not None and not base.vm.same_vm(identity):
             base = None  # a different VM under the same name: nothing to build on
+        if vm.name in self.refused:
+            raise VmFault(self.refused[vm.name])
         if self.before is not None:
             self.before(assignment, vm)
         snapshot = self.snapshotter.snapshot(assignment)

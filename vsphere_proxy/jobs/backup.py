@@ -190,6 +190,7 @@ class BackupRun:
         if self.on_start is not None:
             self.on_start(job_id, config.job.name, self.engine, {n: vm.total_bytes for n, vm in vms.items()},
                           [p.name for p in setup.proxies], dict(coordinator.limits))
+        self._disk_notes = setup.disk_notes
         hooks = Hooks(config.hooks, job_id, config.job.name, config.secret_env_names())
         self._hooks = JobHooks(hooks, self.control, vms)
         watchers = Observers(ends, recorder, _CleanUpLost(backend, job_id, setup, vms), self._hooks, observer)
@@ -224,7 +225,8 @@ class BackupRun:
             return fleet.engine(context, stall_seconds=policy.stall_seconds)
         snapshotter = self.backend.snapshotter(vms, setup.proxies, job_id, quiesce=policy.quiesce)
         preparer = RepositoryPreparer(snapshotter, self.repository, job_id, vms, incremental=policy.incremental,
-                                      before=before_vm_gate(hooks) if hooks.config.before_vm else None)
+                                      before=before_vm_gate(hooks) if hooks.config.before_vm else None,
+                                      refused=setup.refused)
         return EmbeddedEngine(preparer, stall_seconds=policy.stall_seconds, throttle=throttles(self.config))
 
     def _keep_decisions(self, coordinator: Coordinator, job_id: str) -> None:
@@ -250,7 +252,7 @@ class BackupRun:
         left = [item for e in ends for item in e.left_behind]
         report = build_report(job_id, job_report, ends, skipped, swept_snapshots=list(swept.snapshots),
                               swept_disks=list(swept.disks), cleanup_errors=list(swept.errors), dispatch=dispatch,
-                              left_behind=left)
+                              left_behind=left, disk_notes=self._disk_notes)
         data = report.to_json()
         summary = {k: v for k, v in data.items() if k != "vms"}
         summary["stream_limits"] = dict(coordinator.limits)

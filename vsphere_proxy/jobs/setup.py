@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from vsphere_proxy.catalog import Catalog
 from vsphere_proxy.config import Config, ConfigError, state_home
 from vsphere_proxy.coordinator import Job, WorkVM
+from vsphere_proxy.disk_policy import choose_disks
 from vsphere_proxy.jobs.errors import BadJob
 from vsphere_proxy.ledger_sqlite import LedgerUnavailable, SqliteLedger
 from vsphere_proxy.model import Inventory, Proxy
@@ -30,6 +31,8 @@ class JobSetup:
     proxies: list[Proxy]
     table: TierTable
     job: Job
+    disk_notes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # VM -> disks left out, why
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)  # VM -> why its attempts fail at once
 
     def without(self, why: dict[str, str]) -> JobSetup:
         """The job with the named VMs skipped, each with its reason."""
@@ -45,11 +48,23 @@ def build_job(config: Config, inventory: Inventory, job_id: str | None = None) -
         proxies = resolve_proxies(config.job_proxies(), inventory)
     except ConfigError as e:
         raise BadJob(str(e)) from None
-    selected = select_vms(inventory, config.job.select, {p.name for p in proxies})
+    policy = config.job.policy
+    selected = []
+    notes: dict[str, tuple[str, ...]] = {}
+    refused: dict[str, str] = {}
+    for s in select_vms(inventory, config.job.select, {p.name for p in proxies}):
+        if not s.skip:  # the disks the job reads: independent ones and excluded ones left out, with the reason
+            choice = choose_disks(s.vm, policy.independent_disks, policy.exclude_disks)
+            s = dataclasses.replace(s, vm=choice.vm, skip=choice.empty)
+            if choice.notes:
+                notes[s.vm.name] = choice.notes
+            if choice.refused:
+                refused[s.vm.name] = choice.refused
+        selected.append(s)
     table = tier_table((s.vm for s in selected if not s.skip), proxies, inventory)
     job = Job(job_id or config.job.name, tuple(WorkVM.from_vm(s.vm) for s in selected if not s.skip), table,
-              tuple(proxies), config.job.policy.to_policy())
-    return JobSetup(selected, proxies, table, job)
+              tuple(proxies), policy.to_policy())
+    return JobSetup(selected, proxies, table, job, notes, refused)
 
 
 def new_job_id(name: str) -> str:
