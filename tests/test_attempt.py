@@ -22,6 +22,7 @@ from vsphere_proxy.engine.attempt import (
     SnapshotDiskInfo,
     changed_blocks,
 )
+from vsphere_proxy.faults import VmFault
 from vsphere_proxy.model import VM, Disk
 from vsphere_proxy.repository import NvramRecord, Repository, VmConfig
 from vsphere_proxy.tiers import Tier
@@ -56,6 +57,8 @@ class LocalSnapshot:
         return self._saved
 
     def changed_areas(self, disk: SnapshotDiskInfo, since: str) -> list[tuple[int, int]]:
+        if since == "*":  # the allocated areas: these flat files allocate every block
+            return [(0, disk.capacity)]
         self.asked.append((disk.index, since))
         if isinstance(self.areas, Exception):
             raise self.areas
@@ -151,6 +154,27 @@ def test_a_full_read_says_why(tmp_path: Path, change_ids: list[str], areas: Any,
                   .prepare(_assignment()), 2)
     assert result.read == why
     assert result.stats["bytes_in"] == 3 * BLOCK and result.bytes_written == 0  # all read, nothing new stored
+
+
+@pytest.mark.parametrize(("change_ids", "areas", "why"), [
+    (["", ""], (), "change tracking is off"),
+    (["e/1", "f/1"], ChangesUnavailable("changeId e/0 is no longer valid"), "changeId e/0 is no longer valid"),
+])
+def test_require_incremental_fails_the_vm_for_good_instead_of_a_full_read(tmp_path: Path, change_ids: list[str],
+                                                                         areas: Any, why: str) -> None:
+    sizes = [BLOCK, 2 * BLOCK]
+    _write(tmp_path, sizes)
+    repo = Repository.init(tmp_path / "repo")
+    vm = _vm(sizes)
+    _run(RepositoryPreparer(LocalSnapshotter(tmp_path, sizes, ["e/0", "f/0"]), repo, "j1", {"vm": vm},
+                            require_incremental=True).prepare(_assignment()), 2)  # a first full is allowed
+    session = RepositoryPreparer(LocalSnapshotter(tmp_path, sizes, change_ids, areas), repo, "j2", {"vm": vm},
+                                 require_incremental=True).prepare(_assignment())
+    with pytest.raises(VmFault, match=f"disk 0 would be read in full \\({why}\\) and policy.require_incremental "
+                                      "is set"):
+        session.sink(0)
+    session.finish(False)
+    assert len(repo.points()) == 1
 
 
 def test_a_failed_attempt_drops_the_point_and_releases_the_snapshot_once(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -127,6 +128,25 @@ def _restored_hash(bed: Bed, vm: str, disk: int, point: str | None = None) -> st
     return str(data["sha256"])
 
 
+def allocated_block_bytes(path: Path, capacity: int) -> int:
+    """The bytes of the 4 MiB blocks of a flat file that hold allocated data (SEEK_DATA / SEEK_HOLE)."""
+    blocks: set[int] = set()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < capacity:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past offset
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), capacity)
+            blocks.update(range(data // BLOCK, (hole - 1) // BLOCK + 1))
+            offset = hole
+    finally:
+        os.close(fd)
+    return sum(min(BLOCK, capacity - b * BLOCK) for b in blocks)
+
+
 def test_a_full_job_backs_up_every_vm_over_all_three_transports(bed: Bed) -> None:
     code, report = backup(bed.config)
     assert code == 0 and report["status"] == "complete", report
@@ -138,10 +158,23 @@ def test_a_full_job_backs_up_every_vm_over_all_three_transports(bed: Bed) -> Non
     assert {vm for vm, v in lines.items() if v["status"] == "done"} == backed_up
     # san and direct NFS are the one file transport; with hot-add and NBD every access mode ran
     assert set(report["modes"]) == {"san", "direct-nfs", "hotadd", "nbd"}, report["modes"]
+    cbt = {m["Name"] for m in bed.topology["Machine"] if m.get("Cbt")}
+    images: dict[str, list[Any]] = {}
+    for d in topo.disks(bed.topology, bed.sim.datastores):
+        images.setdefault(d.vm, []).append(d)
+    thin = 0
     for vm in backed_up:
         line = lines[vm]
-        assert line["point"] and line["read"] == "full" and line["bytes_read"] > 0 and line["error"] == ""
+        assert line["point"] and line["error"] == ""
         assert line["seconds"] > 0
+        capacity = sum(d.capacity for d in images[vm])
+        allocated = sum(allocated_block_bytes(d.path, d.capacity) for d in images[vm])
+        if vm in cbt and allocated < capacity:  # a first full reads only what the disk allocated ("*")
+            assert "allocated areas only" in line["read"] and line["bytes_read"] == allocated, vm
+            thin += 1
+        else:
+            assert line["read"] == "full" and line["bytes_read"] == capacity, vm
+    assert thin >= 3  # thin disks with unallocated areas, read for their allocated bytes only
     assert report["bytes_written"] > 0
     for (vm, index), digest in bed.images.items():
         if vm in backed_up:

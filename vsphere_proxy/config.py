@@ -255,6 +255,9 @@ class PolicyConfig(_Strict):
     mb_per_stream: Annotated[int, Field(ge=1, le=1 << 20)] = 100
     quiesce: bool = False  # quiesce the guest file systems (VMware Tools) when snapshotting powered-on VMs
     incremental: bool = True  # read only the blocks CBT reports changed since the VM's last restore point
+    # a VM whose disk would be read in full although it has a restore point to build on (changeId refused, CBT
+    # reset or off) fails instead of reading it all
+    require_incremental: bool = False
     stall_seconds: Annotated[float, Field(gt=0, le=86_400)] = 300.0  # a stream without progress this long fails
     # A VM another running job is backing up: skip it (reported "being backed up by job X"), or wait for it
     # at most busy_wait_seconds and skip it then.

@@ -93,7 +93,8 @@ def do_worker(args: argparse.Namespace) -> int:
             return RepositoryPreparer(snapshotter, repo, str(job["id"]), vms,
                                       incremental=bool(job.get("incremental", True)),
                                       before=before_vm_gate(hooks) if config.hooks.before_vm else None,
-                                      refused={name: c.refused for name, c in choices.items() if c.refused})
+                                      refused={name: c.refused for name, c in choices.items() if c.refused},
+                                      require_incremental=bool(job.get("require_incremental", False)))
 
         def record(job_id: str, end: AttemptEnd) -> None:
             record_attempt(catalog, job_id, end, inventory["vms"].get(end.vm))

@@ -128,8 +128,9 @@ class RepositorySink:
         """Nothing to do: the restore point is committed (or dropped) when the attempt finishes."""
 
 
-def _keep_unread(writer: DiskWriter, read: Sequence[int], capacity: int) -> None:
-    """Keep the base point's entry for every block not in `read`, in runs."""
+def _keep_unread(writer: DiskWriter, read: Sequence[int], capacity: int, *, holes: bool = False) -> None:
+    """Keep the base point's entry for every block not in `read` (with `holes`: record it as a hole, an area
+    never allocated), in runs."""
     wanted = {o // BLOCK for o in read}
     blocks = -(-capacity // BLOCK)
     run_start = None
@@ -138,7 +139,7 @@ def _keep_unread(writer: DiskWriter, read: Sequence[int], capacity: int) -> None
         if unread and run_start is None:
             run_start = b
         elif not unread and run_start is not None:
-            writer.keep(run_start, b - run_start)
+            (writer.holes if holes else writer.keep)(run_start, b - run_start)
             run_start = None
 
 
@@ -146,13 +147,14 @@ class RepositorySession:
     """One prepared attempt: the snapshot is taken and the restore point open."""
 
     def __init__(self, assignment: Assignment, snapshot: VmSnapshot, point: PointWriter, base: Manifest | None,
-                 keys: Sequence[int], incremental: bool = True) -> None:
+                 keys: Sequence[int], incremental: bool = True, require_incremental: bool = False) -> None:
         """`keys`: the device key of each disk the job backs up, by the index the scheduler uses."""
         self.assignment = assignment
         self.snapshot = snapshot
         self.point = point
         self.base = base
         self.incremental = incremental
+        self.require_incremental = require_incremental  # a disk that would be read in full fails the VM instead
         by_key = {d.key: d for d in snapshot.disks}
         self._disks = {i: replace(by_key[k], index=i) for i, k in enumerate(keys) if k in by_key}
         self._writers: dict[int, DiskWriter] = {}
@@ -194,6 +196,20 @@ class RepositorySession:
                 how = INCREMENTAL
             except ChangesUnavailable as e:
                 how = f"{FULL}: {e}"
+        if offsets is None and base_disk is not None and self.require_incremental and self.incremental \
+                and base_disk.capacity == d.capacity:
+            raise VmFault(f"disk {d.index} would be read in full ({how.removeprefix(FULL + ': ')}) and "
+                          "policy.require_incremental is set")
+        allocated = None
+        if offsets is None and d.change_id:  # a full read: only what the disk allocated ("*"), where CBT tells
+            try:
+                allocated = changed_blocks(self.snapshot.changed_areas(d, "*"), d.capacity)
+            except ChangesUnavailable:
+                allocated = None
+            if allocated is not None and len(allocated) >= -(-d.capacity // BLOCK):
+                allocated = None  # every block allocated: a plain full read
+            if allocated is not None:
+                how = f"{FULL}: allocated areas only" if how == FULL else f"{how}; allocated areas only"
         with self._lock:
             writer = self._writers.get(d.index)
             if writer is None:
@@ -206,9 +222,11 @@ class RepositorySession:
                     writer = self.point.disk(d.index, d.label, d.capacity, base=None, change_id=d.change_id or None)
                 if offsets is not None:
                     _keep_unread(writer, offsets, d.capacity)
+                elif allocated is not None:
+                    _keep_unread(writer, allocated, d.capacity, holes=True)
                 self._writers[d.index] = writer
             self._reads[d.index] = how
-        return RepositorySink(writer, offsets)
+        return RepositorySink(writer, offsets if offsets is not None else allocated)
 
     def read(self) -> str:
         """How the disks were read, in a few words: "incremental (CBT)", "full", or "full: why" per disk."""
@@ -260,13 +278,14 @@ class RepositoryPreparer:
     def __init__(self, snapshotter: Snapshotter, repository: Repository, job_id: str, vms: Mapping[str, VM], *,
                  incremental: bool = True, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  before: Callable[[Assignment, VM], None] | None = None,
-                 refused: Mapping[str, str] | None = None) -> None:
+                 refused: Mapping[str, str] | None = None, require_incremental: bool = False) -> None:
         """`before`: called before each VM is snapshotted (the job's `before_vm` hooks); what it raises fails the
         attempt (a `VmFault` fails the VM for the job, a `JobFault` ends the job). `refused`: VM -> why the job's
         policy does not back it up (an independent disk under `independent_disks: fail`): it fails at once."""
         self.snapshotter = snapshotter
         self.before = before
         self.refused = dict(refused or {})
+        self.require_incremental = require_incremental
         self.repository = repository
         self.job_id = job_id
         self.vms = dict(vms)
@@ -296,4 +315,4 @@ class RepositoryPreparer:
             snapshot.release()
             raise
         keys = [d.key for d in vm.backup_disks]  # indexed as WorkVM.from_vm indexes them
-        return RepositorySession(assignment, snapshot, point, base, keys, self.incremental)
+        return RepositorySession(assignment, snapshot, point, base, keys, self.incremental, self.require_incremental)

@@ -221,12 +221,13 @@ class BackupRun:
         policy = self.config.job.policy
         if fleet is not None:
             context = {"id": job_id, "incremental": policy.incremental, "quiesce": policy.quiesce,
+                       "require_incremental": policy.require_incremental,
                        "repository": str(self.repository.path)}
             return fleet.engine(context, stall_seconds=policy.stall_seconds)
         snapshotter = self.backend.snapshotter(vms, setup.proxies, job_id, quiesce=policy.quiesce)
         preparer = RepositoryPreparer(snapshotter, self.repository, job_id, vms, incremental=policy.incremental,
                                       before=before_vm_gate(hooks) if hooks.config.before_vm else None,
-                                      refused=setup.refused)
+                                      refused=setup.refused, require_incremental=policy.require_incremental)
         return EmbeddedEngine(preparer, stall_seconds=policy.stall_seconds, throttle=throttles(self.config))
 
     def _keep_decisions(self, coordinator: Coordinator, job_id: str) -> None:

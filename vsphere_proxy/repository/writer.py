@@ -110,6 +110,17 @@ class DiskWriter:
             self._blocks[block:block + count] = entries
             self._stats["kept_blocks"] += count
 
+    def holes(self, block: int, count: int = 1) -> None:
+        """Record `count` blocks from `block` as holes without reading them: areas the disk never allocated
+        (changed-block tracking's `*` query), which read as zeros."""
+        self._point._check_open()
+        if count < 1 or block < 0 or block + count > len(self._blocks):
+            raise RepositoryError(f"disk {self.index}: blocks {block}..{block + count - 1} outside the disk's "
+                                  f"{len(self._blocks)} blocks")
+        with self._lock:
+            self._blocks[block:block + count] = [None] * count
+            self._stats["zero_blocks"] += count
+
     @property
     def stats(self) -> DiskStats:
         with self._lock:
