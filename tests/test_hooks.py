@@ -222,3 +222,18 @@ def test_a_partial_job_notifies_its_summary_and_an_unreachable_target_never_fail
         assert "2 done, 1 failed" in message["message"]
     finally:
         server.shutdown()
+
+
+def test_a_complete_job_whose_only_target_is_unreachable_still_exits_0(vcsim: Any, tmp_path: Path) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    data = yaml.safe_load(vcsim.config_path.read_text())
+    data["notify"] = {"on": ["complete"], "urls": [f"json://127.0.0.1:{dead}/nobody"], "timeout_seconds": 5}
+    data["repository"] = {"path": str(tmp_path / "repository")}
+    data["job"]["select"] = {"names": ["web-01"]}
+    config = tmp_path / "notify.yaml"
+    config.write_text(yaml.safe_dump(data))
+    r = run("backup", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert "notification problems: notify: json://127.0.0.1" in r.stdout and "not delivered" in r.stdout
