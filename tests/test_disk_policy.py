@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pyVmomi import vim
 from adapters.properties import managed, read
 from adapters.session import Session, connect
 from adapters.tasks import wait_for_task
+from testbed.bed import USER, own_testbed
 from vsphere_proxy.disk_policy import choose_disks
 from vsphere_proxy.model import VM, Disk
 from vsphere_proxy.repository import Repository
@@ -50,9 +52,26 @@ def test_independent_disks_are_left_out_or_refuse_the_vm_and_exclusions_match_by
 
 
 
+@dataclass
+class Bed:
+    """A launcher of this module's own: its tests reconfigure disks (vCenter then lists the edited device last),
+    which the session's shared simulator must not see."""
+
+    config_path: Path
+    url: str
+    username: str
+    password: str
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    with own_testbed(tmp_path_factory.mktemp("disk-policy")) as own:
+        yield Bed(own.config, own.sim.url, USER, own.password)
+
+
 @pytest.fixture
-def session(vcsim: Any) -> Iterator[Session]:
-    with connect(vcsim.url, vcsim.username, vcsim.password, insecure=True) as s:
+def session(bed: Bed) -> Iterator[Session]:
+    with connect(bed.url, bed.username, bed.password, insecure=True) as s:
         yield s
 
 
@@ -70,7 +89,7 @@ def set_mode(session: Session, moref: str, label: str, mode: str) -> None:
     wait_for_task(session, ref.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[change])))
 
 
-def backup(vcsim: Any, work: Path, policy: dict[str, Any], vms: list[str]) -> tuple[int, dict[str, Any], str]:
+def backup(vcsim: Bed, work: Path, policy: dict[str, Any], vms: list[str]) -> tuple[int, dict[str, Any], str]:
     work.mkdir(exist_ok=True)
     data = yaml.safe_load(vcsim.config_path.read_text())
     data["repository"] = {"path": str(work / "repository")}
@@ -85,8 +104,9 @@ def backup(vcsim: Any, work: Path, policy: dict[str, Any], vms: list[str]) -> tu
 
 
 @pytest.mark.integration
-def test_an_independent_disk_is_reported_and_left_out_or_fails_the_vm(vcsim: Any, session: Session,
+def test_an_independent_disk_is_reported_and_left_out_or_fails_the_vm(bed: Bed, session: Session,
                                                                      tmp_path: Path) -> None:
+    vcsim = bed
     moref = next(m for m, d in _vms(session).items() if d == VM_NAME)
     labels = [d.deviceInfo.label for d in vm_disks(session, moref)]
     set_mode(session, moref, labels[1], "independent_persistent")
@@ -113,7 +133,8 @@ def test_an_independent_disk_is_reported_and_left_out_or_fails_the_vm(vcsim: Any
 
 
 @pytest.mark.integration
-def test_excluded_disks_by_label_and_index(vcsim: Any, session: Session, tmp_path: Path) -> None:
+def test_excluded_disks_by_label_and_index(bed: Bed, session: Session, tmp_path: Path) -> None:
+    vcsim = bed
     moref = next(m for m, d in _vms(session).items() if d == VM_NAME)
     labels = [d.deviceInfo.label for d in vm_disks(session, moref)]
     code, report, err = backup(vcsim, tmp_path / "one", {"exclude_disks": {"db-*": [labels[2], 0]}}, [VM_NAME])
