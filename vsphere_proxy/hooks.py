@@ -72,10 +72,12 @@ class HookRun:
 def hook_environment(secret_names: set[str], context: Mapping[str, str],
                      environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without secrets (the configured secret variables, and any whose name says it
-    holds one) and without stale `VSPHERE_PROXY_*` values, plus the context as `VSPHERE_PROXY_<NAME>`."""
+    holds one) and without stale context values, plus the context as `VSPHERE_PROXY_<NAME>`. Other
+    `VSPHERE_PROXY_*` variables (`VSPHERE_PROXY_CONFIG`) stay, for a hook that calls vsphere-proxy itself."""
     base = os.environ if environ is None else environ
+    stale = {f"{PREFIX}{name}" for name in CONTEXT}
     env = {k: v for k, v in base.items()
-           if k not in secret_names and not _SECRET_NAME.search(k) and not k.startswith(PREFIX)}
+           if k not in secret_names and not _SECRET_NAME.search(k) and k not in stale}
     env.update({f"{PREFIX}{k}": str(v) for k, v in context.items() if v is not None})
     return env
 
