@@ -5,12 +5,18 @@
 (`adapters.vm_config`, once per snapshot). Transports by mode: `san`/`direct-nfs` read the flat extent
 through the proxy's datastore -> path map, `hotadd` attaches the disk to the proxy VM, `nbd` streams it from the
 datastore HTTP endpoint with the session cookie.
+
+The job's `SnapshotPolicy` decides quiescing (a quiesce fault retried `quiesce_retries` times, then the VM fails
+under `required`, or is snapshotted crash-consistent under `preferred`) and what happens when the VM's disks need
+consolidation once the snapshot is removed (`auto`: ConsolidateVMDisks_Task, `report`: noted only). What it did is
+in the snapshot's `notes`; a consolidation that fails is a note, never a failed backup.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +26,20 @@ from adapters.hotadd_transport import GuestDevices, HotAddTransport
 from adapters.nbd import NbdTransport
 from adapters.retry import DEFAULT_RETRY, RetryPolicy
 from adapters.session import Session
-from adapters.snapshots import Snapshot, create_snapshot, remove_snapshot
+from adapters.snapshots import (
+    Snapshot,
+    consolidate_disks,
+    consolidation_needed,
+    create_snapshot,
+    quiesce_fault,
+    remove_snapshot,
+)
+from adapters.tasks import TaskError, describe_fault
 from adapters.vm_config import saved_vm
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.attempt import ChangesUnavailable, SavedVm, SnapshotDiskInfo
+from vsphere_proxy.faults import VmFault
+from vsphere_proxy.jobs.backend import SnapshotPolicy
 from vsphere_proxy.model import VM
 from vsphere_proxy.transports import Transport, TransportError
 from vsphere_proxy.transports.file import FileTransport
@@ -40,8 +56,10 @@ class ProxyAccess:
 
 
 class VSphereVmSnapshot:
-    def __init__(self, snapshotter: VSphereSnapshotter, snapshot: Snapshot, proxy: ProxyAccess, vm: VM) -> None:
+    def __init__(self, snapshotter: VSphereSnapshotter, snapshot: Snapshot, proxy: ProxyAccess, vm: VM,
+                 notes: tuple[str, ...] = ()) -> None:
         self._owner = snapshotter
+        self.notes = notes  # for the VM's report: a crash-consistent fall-back; after release(), consolidation
         self.snapshot = snapshot
         self.vm = vm
         self.name = snapshot.name
@@ -92,24 +110,70 @@ class VSphereVmSnapshot:
                 return
             remove_snapshot(self._owner.session, self.snapshot.moref, retry=self._owner.retry)
             self._released = True
+            self.notes += self._consolidate()
+
+    def _consolidate(self) -> tuple[str, ...]:
+        """After the removal: the VM's disks consolidated when they need it (policy `auto`), or the need noted."""
+        o, moref = self._owner, self.snapshot.vm_moref
+        try:
+            if not consolidation_needed(o.session, moref, retry=o.retry):
+                return ()
+        except VSphereError as e:
+            return (f"whether the disks need consolidation was not read: {e}",)
+        if o.policy.consolidate != "auto":
+            return (f"disks need consolidation (policy.consolidate: {o.policy.consolidate})",)
+        try:
+            consolidate_disks(o.session, moref, retry=o.retry)
+        except VSphereError as e:
+            return (f"disks need consolidation, which failed: {e}",)
+        return ("disks consolidated after the snapshot was removed",)
 
 
 class VSphereSnapshotter:
     def __init__(self, session: Session, datacenter: str, vms: Mapping[str, VM], proxies: Mapping[str, ProxyAccess],
-                 job_id: str, *, quiesce: bool = False, retry: RetryPolicy = DEFAULT_RETRY,
-                 nbd_attempts: int = 4) -> None:
+                 job_id: str, *, quiesce: bool | SnapshotPolicy = False, retry: RetryPolicy = DEFAULT_RETRY,
+                 nbd_attempts: int = 4, quiesce_pause: float = 2.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        """`quiesce`: the job's `SnapshotPolicy` (a boolean: quiesce required); `quiesce_pause`: seconds between
+        two tries of a quiesced snapshot."""
         self.session = session
         self.datacenter = datacenter
         self.vms = dict(vms)
         self.proxies = dict(proxies)
         self.job_id = job_id
-        self.quiesce = quiesce
+        self.policy = SnapshotPolicy.of(quiesce)
+        self.quiesce = bool(self.policy)
+        self.quiesce_pause = quiesce_pause
+        self.sleep = sleep
         self.retry = retry
         self.nbd_attempts = nbd_attempts
 
     def snapshot(self, assignment: Assignment) -> VSphereVmSnapshot:
         vm = self.vms[assignment.vm]
         proxy = self.proxies.get(assignment.proxy) or ProxyAccess(assignment.proxy)
-        quiesce = self.quiesce and vm.power_state == "poweredOn"
-        snap = create_snapshot(self.session, vm.moref, self.job_id, quiesce=quiesce, retry=self.retry)
-        return VSphereVmSnapshot(self, snap, proxy, vm)
+        if not (self.quiesce and vm.power_state == "poweredOn"):  # a powered-off VM has no guest to quiesce
+            return VSphereVmSnapshot(self, self._create(vm, quiesce=False), proxy, vm)
+        tries = self.policy.quiesce_retries + 1
+        for n in range(1, tries + 1):
+            try:
+                return VSphereVmSnapshot(self, self._create(vm, quiesce=True), proxy, vm)
+            except TaskError as e:
+                fault = quiesce_fault(e)
+                if fault is None:
+                    raise
+                if n < tries:
+                    self.sleep(self.quiesce_pause)
+                    continue
+                if self.policy.quiesce == "required":  # the policy's retries are spent: later rounds would repeat them
+                    raise VmFault(f"{e} (quiesced snapshot tried {tries} times, policy.quiesce: required)") from e
+                note = (f"quiesce failed ({_short(fault)}), backed up from a crash-consistent snapshot "
+                        f"(tried {tries} times, policy.quiesce: preferred)")
+        return VSphereVmSnapshot(self, self._create(vm, quiesce=False), proxy, vm, (note,))
+
+    def _create(self, vm: VM, *, quiesce: bool) -> Snapshot:
+        return create_snapshot(self.session, vm.moref, self.job_id, quiesce=quiesce, retry=self.retry)
+
+
+def _short(fault: BaseException) -> str:
+    """`describe_fault` without pyVmomi's module path: "ApplicationQuiesceFault: ..."."""
+    return describe_fault(fault).removeprefix("vim.fault.")

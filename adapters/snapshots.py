@@ -28,6 +28,17 @@ from adapters.tasks import TaskError
 SNAPSHOT_PREFIX = "vsphere-proxy-"
 NAME_MAX = 80  # vSphere's limit on a snapshot's name
 
+# What a quiesced snapshot's task ends in when the guest could not be quiesced: an application or file system
+# refused or timed out (ApplicationQuiesceFault), VMware Tools not running in the guest (ToolsUnavailable). A
+# crash-consistent snapshot of the same VM can still succeed.
+QUIESCE_FAULTS: tuple[type[BaseException], ...] = (vim.fault.ApplicationQuiesceFault, vim.fault.ToolsUnavailable)
+
+
+def quiesce_fault(exc: BaseException) -> BaseException | None:
+    """The quiesce fault a failed snapshot task reported (one of `QUIESCE_FAULTS`), else None."""
+    fault = exc.fault if isinstance(exc, TaskError) else None
+    return fault if isinstance(fault, QUIESCE_FAULTS) else None
+
 
 @dataclass(frozen=True, slots=True)
 class SnapshotDisk:
@@ -275,3 +286,18 @@ def sweep_snapshots(
             swept.append(SweptSnapshot(vm_moref=entry.vm_moref, moref=entry.moref, name=entry.name,
                                        created=entry.created, error=error))
     return swept
+
+
+def consolidation_needed(session: Session, vm_moref: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> bool:
+    """The VM's `runtime.consolidationNeeded`: its disks still have delta files a snapshot removal left."""
+    props = retry.call(lambda: read_one(session, vm_ref(session, vm_moref), ["runtime.consolidationNeeded"]),
+                       f"read runtime.consolidationNeeded of {vm_moref}")
+    return bool(props.get("runtime.consolidationNeeded"))
+
+
+def consolidate_disks(session: Session, vm_moref: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+    """Merge the VM's left-over delta disks (ConsolidateVMDisks_Task), waiting for the task within the policy's
+    task timeout."""
+    ref = vm_ref(session, vm_moref)
+    what = f"consolidate the disks of {vm_moref}"
+    retry.call(lambda: retry.wait_task(session, ref.ConsolidateVMDisks_Task(), what), what)

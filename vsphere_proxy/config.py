@@ -253,7 +253,13 @@ class PolicyConfig(_Strict):
     rounds: Annotated[int, Field(ge=1, le=10)] = 3
     streams_per_cpu: Annotated[int, Field(ge=1, le=1000)] = 10
     mb_per_stream: Annotated[int, Field(ge=1, le=1 << 20)] = 100
-    quiesce: bool = False  # quiesce the guest file systems (VMware Tools) when snapshotting powered-on VMs
+    # quiesce the guest file systems (VMware Tools) when snapshotting powered-on VMs: required (a quiesce fault,
+    # after quiesce_retries more tries, fails the VM), preferred (then a crash-consistent snapshot, noted), off;
+    # the booleans of old configurations mean required (true) and off (false)
+    quiesce: Literal["required", "preferred", "off"] = "off"
+    quiesce_retries: Annotated[int, Field(ge=0, le=10)] = 1
+    # the VM's disks need consolidation after our snapshot was removed: consolidate them (auto) or only say so
+    consolidate: Literal["auto", "report"] = "auto"
     incremental: bool = True  # read only the blocks CBT reports changed since the VM's last restore point
     # a VM whose disk would be read in full although it has a restore point to build on (changeId refused, CBT
     # reset or off) fails instead of reading it all
@@ -271,6 +277,13 @@ class PolicyConfig(_Strict):
     independent_disks: Literal["skip", "fail"] = "skip"
     # disks never read: VM name pattern -> disk labels ("Hard disk 3") or indexes (0 = the VM's first disk)
     exclude_disks: dict[str, list[str | int]] = {}
+
+    @field_validator("quiesce", mode="before")
+    @classmethod
+    def _quiesce_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "required" if value else "off"
+        return value
 
     @model_validator(mode="after")
     def _cap(self) -> PolicyConfig:

@@ -126,6 +126,10 @@ type MachineSpec struct {
 	Passthrough []string          // host HBAs (vmhbaN) passed through to this VM
 	Tag         []string          // Category:Tag
 	Attribute   map[string]string // custom attributes (CustomFieldsManager fields of VirtualMachine)
+	// QuiesceFault: a vim25 fault name; quiesced snapshots of the VM fail with it (snapshot_faults.go)
+	QuiesceFault string
+	// ConsolidationNeeded: each removal of one of the VM's snapshots leaves runtime.consolidationNeeded true
+	ConsolidationNeeded bool
 }
 
 type CategorySpec struct {
@@ -203,6 +207,7 @@ func main() {
 		dir, ok := l.dsDir[ds]
 		return dir, ok
 	})
+	server.Config.Handler = wrapSnapshotFaults(server.Config.Handler, topo)
 	server.Config.Handler = wrapDatastorePut(server.Config.Handler, datastoreDir)
 	server.Config.Handler = wrapSessions(server.Config.Handler, *datastoreAuth)
 	cleanup := func() {

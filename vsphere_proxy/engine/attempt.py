@@ -266,6 +266,7 @@ class RepositorySession:
             except Exception as e:  # the point stands; the next job's sweep removes the snapshot
                 notes.append(f"snapshot {self.snapshot.name} not removed: {e}")
                 left.append(f"snapshot {self.snapshot.name} of {self.assignment.vm}: {e}")
+            notes[:0] = getattr(self.snapshot, "notes", ())  # how it was made, and what its removal left to do
         result = Finished(point_id, written, tuple(notes), self.stats(), self.read(), tuple(left))
         with self._lock:
             self._result = result

@@ -33,7 +33,7 @@ from vsphere_proxy.engine.lease import LeaseKeeper
 from vsphere_proxy.engine.protocol import Engine, JobObserver, Observer, Observers
 from vsphere_proxy.faults import JobFault
 from vsphere_proxy.hooks import Hooks, before_vm_gate
-from vsphere_proxy.jobs.backend import Swept, VCenterBackend
+from vsphere_proxy.jobs.backend import SnapshotPolicy, Swept, VCenterBackend
 from vsphere_proxy.jobs.errors import BadJob, JobFailed
 from vsphere_proxy.jobs.fleet import Fleet
 from vsphere_proxy.jobs.forget import apply_retention
@@ -224,7 +224,7 @@ class BackupRun:
                        "require_incremental": policy.require_incremental,
                        "repository": str(self.repository.path)}
             return fleet.engine(context, stall_seconds=policy.stall_seconds)
-        snapshotter = self.backend.snapshotter(vms, setup.proxies, job_id, quiesce=policy.quiesce)
+        snapshotter = self.backend.snapshotter(vms, setup.proxies, job_id, quiesce=SnapshotPolicy.of(policy))
         preparer = RepositoryPreparer(snapshotter, self.repository, job_id, vms, incremental=policy.incremental,
                                       before=before_vm_gate(hooks) if hooks.config.before_vm else None,
                                       refused=setup.refused, require_incremental=policy.require_incremental)

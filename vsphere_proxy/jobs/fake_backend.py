@@ -198,7 +198,7 @@ class FakeSnapshotter:
         self.backend = backend
         self.vms = dict(vms)
         self.job_id = job_id
-        self.quiesce = quiesce
+        self.quiesce = bool(quiesce)  # a job's SnapshotPolicy: true when it quiesces
 
     def snapshot(self, assignment: Assignment) -> FakeVmSnapshot:
         vm = self.vms[assignment.vm]
