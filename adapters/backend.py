@@ -15,7 +15,7 @@ from adapters.restore_vm import VSphereRestorer
 from adapters.session import Session
 from adapters.snapshots import sweep_snapshots
 from vsphere_proxy.config import ProxyConfig
-from vsphere_proxy.jobs.backend import Swept
+from vsphere_proxy.jobs.backend import SnapshotPolicy, Swept
 from vsphere_proxy.model import VM, Inventory, Proxy
 
 
@@ -61,9 +61,9 @@ class VSphereBackend:
                          + [f"disk {d.disk.file} on {d.disk.proxy_moref}: {d.error}" for d in disks if d.error]))
 
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
-                    quiesce: bool) -> VSphereSnapshotter:
+                    policy: SnapshotPolicy) -> VSphereSnapshotter:
         return VSphereSnapshotter(self.session, self.datacenter, vms, proxy_access(self.proxy_configs, proxies),
-                                  job_id, quiesce=quiesce)
+                                  job_id, policy=policy)
 
     def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> VSphereRestorer:
         return VSphereRestorer(self.session, inventory, proxy_access(self.proxy_configs, proxies), job_id)

@@ -129,20 +129,23 @@ class VSphereVmSnapshot:
         return ("disks consolidated after the snapshot was removed",)
 
 
+NO_QUIESCE = SnapshotPolicy()  # a snapshotter's default: crash-consistent snapshots, consolidation auto
+
+
 class VSphereSnapshotter:
     def __init__(self, session: Session, datacenter: str, vms: Mapping[str, VM], proxies: Mapping[str, ProxyAccess],
-                 job_id: str, *, quiesce: bool | SnapshotPolicy = False, retry: RetryPolicy = DEFAULT_RETRY,
+                 job_id: str, *, policy: SnapshotPolicy = NO_QUIESCE, retry: RetryPolicy = DEFAULT_RETRY,
                  nbd_attempts: int = 4, quiesce_pause: float = 2.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        """`quiesce`: the job's `SnapshotPolicy` (a boolean: quiesce required); `quiesce_pause`: seconds between
-        two tries of a quiesced snapshot."""
+        """`policy`: the job's `SnapshotPolicy`; `quiesce_pause`: seconds between two tries of a quiesced
+        snapshot."""
         self.session = session
         self.datacenter = datacenter
         self.vms = dict(vms)
         self.proxies = dict(proxies)
         self.job_id = job_id
-        self.policy = SnapshotPolicy.of(quiesce)
-        self.quiesce = bool(self.policy)
+        self.policy = policy
+        self.quiesce = policy.quiesces
         self.quiesce_pause = quiesce_pause
         self.sleep = sleep
         self.retry = retry

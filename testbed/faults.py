@@ -14,7 +14,7 @@ from typing import Any
 from vsphere_proxy.cli.common import open_catalog, open_repository, read_config, vcenter
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.attempt import SavedVm, SnapshotDiskInfo, Snapshotter, VmSnapshot
-from vsphere_proxy.jobs.backend import CreatedVm, Restorer, Swept, VCenterBackend
+from vsphere_proxy.jobs.backend import CreatedVm, Restorer, SnapshotPolicy, Swept, VCenterBackend
 from vsphere_proxy.jobs.backup import BackupRun
 from vsphere_proxy.jobs.restore import RestoreRun
 from vsphere_proxy.jobs.restore_plan import RestoreOptions, RestorePlan
@@ -151,8 +151,8 @@ class _Faulty:
         return self.inner.sweep(vms, proxies, spare=spare, job_id=job_id)
 
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
-                    quiesce: bool) -> Snapshotter:
-        return self.inner.snapshotter(vms, proxies, job_id, quiesce=quiesce)
+                    policy: SnapshotPolicy) -> Snapshotter:
+        return self.inner.snapshotter(vms, proxies, job_id, policy=policy)
 
     def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> Restorer:
         return self.inner.restorer(inventory, proxies, job_id)
@@ -162,8 +162,8 @@ class FailingReads(_Faulty):
     """The reads `rule` picks (vm, block offset) fail."""
 
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
-                    quiesce: bool) -> _Snapshotter:
-        return _Snapshotter(self.inner.snapshotter(vms, proxies, job_id, quiesce=quiesce), self)
+                    policy: SnapshotPolicy) -> _Snapshotter:
+        return _Snapshotter(self.inner.snapshotter(vms, proxies, job_id, policy=policy), self)
 
 
 class FailingWrites(_Faulty):

@@ -113,8 +113,9 @@ def test_policy_values_and_the_old_booleans() -> None:
     assert PolicyConfig().quiesce == "off" and PolicyConfig().consolidate == "auto"
     assert PolicyConfig().quiesce_retries == 1
     assert PolicyConfig(quiesce=True).quiesce == "required" and PolicyConfig(quiesce=False).quiesce == "off"
-    assert not SnapshotPolicy.of(PolicyConfig()) and SnapshotPolicy.of(PolicyConfig(quiesce="preferred"))
-    assert SnapshotPolicy.of(True) == SnapshotPolicy("required")
+    assert not SnapshotPolicy.of(PolicyConfig()).quiesces
+    assert SnapshotPolicy.of(PolicyConfig(quiesce="preferred")).quiesces
+    assert SnapshotPolicy.of(PolicyConfig(quiesce=True)) == SnapshotPolicy("required")
 
 
 def test_quiesce_preferred_falls_back_to_a_crash_consistent_snapshot(vcsim: VcsimTestbed, si: Any,

@@ -89,7 +89,7 @@ def do_worker(args: argparse.Namespace) -> int:
             found_now = {vm.name: vm for vm in backend.discover(tags=False).vms}  # the VMs as they are now
             choices = choose_all(found_now, policy.independent_disks, policy.exclude_disks)  # as the job chose
             inventory["vms"] = vms = {name: c.vm for name, c in choices.items()}
-            snapshotter = backend.snapshotter(vms, [proxy], str(job["id"]), quiesce=SnapshotPolicy.of(policy))
+            snapshotter = backend.snapshotter(vms, [proxy], str(job["id"]), policy=SnapshotPolicy.of(policy))
             hooks = Hooks(config.hooks, str(job["id"]), config.job.name, config.secret_env_names())
             return RepositoryPreparer(snapshotter, repo, str(job["id"]), vms,
                                       incremental=bool(job.get("incremental", True)),

@@ -30,27 +30,23 @@ class SnapshotPolicy:
     """How a job's snapshots are made and cleaned up: `policy.quiesce` (required | preferred | off),
     `quiesce_retries` and `consolidate` (auto | report).
 
-    It is what a job passes as `snapshotter(..., quiesce=)`. It is true when powered-on VMs are to be quiesced, so a
-    snapshotter that only takes a boolean quiesces them (without retries or fall-back). A snapshot's notes
-    (`VmSnapshot.notes`, read after `release()`) say what the policy did: a crash-consistent fall-back, disks
-    consolidated or needing it.
+    It is what a job passes as `snapshotter(..., policy=)`. A snapshot's notes (`VmSnapshot.notes`, read after
+    `release()`) say what the policy did: a crash-consistent fall-back, disks consolidated or needing it.
     """
 
     quiesce: str = "off"
     quiesce_retries: int = 1
     consolidate: str = "auto"
 
-    def __bool__(self) -> bool:
+    @property
+    def quiesces(self) -> bool:
+        """Whether powered-on VMs are snapshotted quiesced (at first: `preferred` may fall back)."""
         return self.quiesce != "off"
 
     @classmethod
-    def of(cls, value: Any) -> SnapshotPolicy:
-        """From a `SnapshotPolicy`, a `PolicyConfig` (its three fields) or a boolean (true: required)."""
-        if isinstance(value, SnapshotPolicy):
-            return value
-        if isinstance(value, bool) or value is None:
-            return cls("required" if value else "off")
-        return cls(str(value.quiesce), int(value.quiesce_retries), str(value.consolidate))
+    def of(cls, policy: Any) -> SnapshotPolicy:
+        """From a job's `PolicyConfig` (its `quiesce`, `quiesce_retries` and `consolidate`)."""
+        return cls(str(policy.quiesce), int(policy.quiesce_retries), str(policy.consolidate))
 
 
 @dataclass(frozen=True)
@@ -119,9 +115,9 @@ class VCenterBackend(Protocol):
         raises for one item: what could not be removed is in `errors`."""
 
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
-                    quiesce: bool | SnapshotPolicy) -> Snapshotter:
-        """Snapshots of the job's VMs, owned by `job_id`, read through the proxies' transports; `quiesce` is the
-        job's `SnapshotPolicy` (a boolean: quiesce required, consolidation auto)."""
+                    policy: SnapshotPolicy) -> Snapshotter:
+        """Snapshots of the job's VMs, owned by `job_id`, read through the proxies' transports, made and cleaned up
+        as the job's `policy` says (quiescing, consolidation)."""
 
     def restorer(self, inventory: Inventory, proxies: Sequence[Proxy], job_id: str) -> Restorer:
         """Restores of one job into the inventory's datacenter, written through the proxies' write transports."""

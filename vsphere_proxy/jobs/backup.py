@@ -224,7 +224,7 @@ class BackupRun:
                        "require_incremental": policy.require_incremental,
                        "repository": str(self.repository.path)}
             return fleet.engine(context, stall_seconds=policy.stall_seconds)
-        snapshotter = self.backend.snapshotter(vms, setup.proxies, job_id, quiesce=SnapshotPolicy.of(policy))
+        snapshotter = self.backend.snapshotter(vms, setup.proxies, job_id, policy=SnapshotPolicy.of(policy))
         preparer = RepositoryPreparer(snapshotter, self.repository, job_id, vms, incremental=policy.incremental,
                                       before=before_vm_gate(hooks) if hooks.config.before_vm else None,
                                       refused=setup.refused, require_incremental=policy.require_incremental)

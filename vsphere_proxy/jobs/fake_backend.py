@@ -34,7 +34,7 @@ from typing import Any
 from vsphere_proxy.coordinator import Assignment
 from vsphere_proxy.engine.attempt import ChangesUnavailable, SavedVm, SnapshotDiskInfo
 from vsphere_proxy.faults import Unresponsive
-from vsphere_proxy.jobs.backend import CreatedVm, Swept
+from vsphere_proxy.jobs.backend import CreatedVm, SnapshotPolicy, Swept
 from vsphere_proxy.jobs.fake_restorer import FakeRestorer
 from vsphere_proxy.model import (
     VM,
@@ -198,7 +198,7 @@ class FakeSnapshotter:
         self.backend = backend
         self.vms = dict(vms)
         self.job_id = job_id
-        self.quiesce = bool(quiesce)  # a job's SnapshotPolicy: true when it quiesces
+        self.quiesce = quiesce
 
     def snapshot(self, assignment: Assignment) -> FakeVmSnapshot:
         vm = self.vms[assignment.vm]
@@ -325,8 +325,8 @@ class FakeBackend:
         return FakeRestorer(self, job_id)
 
     def snapshotter(self, vms: Mapping[str, VM], proxies: Sequence[Proxy], job_id: str, *,
-                    quiesce: bool) -> FakeSnapshotter:
-        return FakeSnapshotter(self, vms, job_id, quiesce=quiesce)
+                    policy: SnapshotPolicy) -> FakeSnapshotter:
+        return FakeSnapshotter(self, vms, job_id, quiesce=policy.quiesces)
 
     # ---- the fake vCenter's snapshots ----------------------------------------------------------------------
 
