@@ -69,22 +69,9 @@ func wrapCBT(next http.Handler, window int64, dsDir func(string) (string, bool))
 }
 
 func (c *cbtEmulator) serveHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost || r.URL.Path != "/sdk" {
-		c.next.ServeHTTP(w, r)
+	method, answered := sdkMethod(w, r, "QueryChangedDiskAreas", "CreateSnapshot_Task", "ReconfigVM_Task")
+	if answered {
 		return
-	}
-	body, err := ioutil.ReadAll(r.Body)
-	_ = r.Body.Close()
-	if err != nil {
-		w.WriteHeader(http.StatusBadRequest)
-		return
-	}
-	r.Body = ioutil.NopCloser(bytes.NewReader(body))
-
-	var method *simulator.Method
-	if bytes.Contains(body, []byte("QueryChangedDiskAreas")) || bytes.Contains(body, []byte("CreateSnapshot_Task")) ||
-		bytes.Contains(body, []byte("ReconfigVM_Task")) {
-		method, _ = simulator.UnmarshalBody(types.TypeFunc(), body)
 	}
 	if method == nil {
 		c.next.ServeHTTP(w, r)

@@ -26,7 +26,6 @@ package main
 // caller sends the entity's whole list, which vCenter takes the same way.
 
 import (
-	"bytes"
 	"encoding/json"
 	"encoding/xml"
 	"fmt"
@@ -98,20 +97,9 @@ func authorizationManager() *simulator.AuthorizationManager {
 }
 
 func (p *privilegeEmulator) serveHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost || r.URL.Path != "/sdk" {
-		p.next.ServeHTTP(w, r)
+	method, answered := sdkMethod(w, r, "Login", "HasPrivilegeOnEntities")
+	if answered {
 		return
-	}
-	body, err := ioutil.ReadAll(r.Body)
-	_ = r.Body.Close()
-	if err != nil {
-		w.WriteHeader(http.StatusBadRequest)
-		return
-	}
-	r.Body = ioutil.NopCloser(bytes.NewReader(body))
-	var method *simulator.Method
-	if bytes.Contains(body, []byte("Login")) || bytes.Contains(body, []byte("HasPrivilegeOnEntities")) {
-		method, _ = simulator.UnmarshalBody(types.TypeFunc(), body)
 	}
 	if method == nil {
 		p.next.ServeHTTP(w, r)

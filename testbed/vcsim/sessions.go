@@ -14,7 +14,6 @@ import (
 	"context"
 	"encoding/xml"
 	"io"
-	"io/ioutil"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -34,13 +33,10 @@ func wrapSessions(next http.Handler, datastoreAuth bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodPost && r.URL.Path == "/sdk":
-			body, err := ioutil.ReadAll(r.Body)
-			_ = r.Body.Close()
-			if err != nil {
-				w.WriteHeader(http.StatusBadRequest)
+			body, ok := sdkBody(w, r)
+			if !ok {
 				return
 			}
-			r.Body = ioutil.NopCloser(bytes.NewReader(body))
 			for _, name := range propertyReads {
 				if bytes.Contains(body, name) {
 					if !liveSession(next, w, r) {

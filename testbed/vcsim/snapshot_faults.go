@@ -18,9 +18,7 @@ package main
 // reaches the simulator unchanged.
 
 import (
-	"bytes"
 	"encoding/xml"
-	"io/ioutil"
 	"log"
 	"net/http"
 	"reflect"
@@ -68,22 +66,9 @@ func wrapSnapshotFaults(next http.Handler, topo *Topology) http.Handler {
 }
 
 func (s *snapshotFaults) serveHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost || r.URL.Path != "/sdk" {
-		s.next.ServeHTTP(w, r)
+	method, answered := sdkMethod(w, r, "CreateSnapshot_Task", "RemoveSnapshot_Task", "ConsolidateVMDisks_Task")
+	if answered {
 		return
-	}
-	body, err := ioutil.ReadAll(r.Body)
-	_ = r.Body.Close()
-	if err != nil {
-		w.WriteHeader(http.StatusBadRequest)
-		return
-	}
-	r.Body = ioutil.NopCloser(bytes.NewReader(body))
-
-	var method *simulator.Method
-	if bytes.Contains(body, []byte("CreateSnapshot_Task")) || bytes.Contains(body, []byte("RemoveSnapshot_Task")) ||
-		bytes.Contains(body, []byte("ConsolidateVMDisks_Task")) {
-		method, _ = simulator.UnmarshalBody(types.TypeFunc(), body)
 	}
 	if method == nil {
 		s.next.ServeHTTP(w, r)
