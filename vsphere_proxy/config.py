@@ -58,6 +58,15 @@ LunName = Annotated[str, _matching(LUN_NAME, "must be a LUN canonical name (naa.
 NfsExport = Annotated[str, _matching(NFS_EXPORT, "must be an NFS export of the form host:/path")]
 
 
+def _absolute_dir(v: Path) -> Path:
+    if not v.is_absolute():
+        raise ValueError(f"must be an absolute directory (got {str(v)!r})")
+    return v
+
+
+AbsoluteDir = Annotated[Path, AfterValidator(_absolute_dir)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -331,19 +340,12 @@ class EncryptionConfig(_Strict):
 class RepositoryConfig(_Strict):
     """Where restore points go (a local or mounted directory) and where the catalog of jobs lives."""
 
-    path: Path
+    path: AbsoluteDir
     encryption: EncryptionConfig | None = None  # the repository is (or is created) encrypted
     catalog: str | None = None  # SQLAlchemy URL or SQLite file; default: catalog.sqlite beside the repository
     # the embedded engine's stream ledger, shared by every job of this host naming the same file (jobs that share
     # proxies must share it); default: beside the SQLite catalog, or in the state directory (`ledger_path`)
     ledger: Path | None = None
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        if not v.is_absolute():
-            raise ValueError(f"must be an absolute directory (got {str(v)!r})")
-        return v
 
     @field_validator("ledger")
     @classmethod
@@ -539,17 +541,10 @@ class CopyTargetConfig(_Strict):
     or compliance copy, with its own key and retention."""
 
     name: Name
-    path: Path
+    path: AbsoluteDir
     encryption: EncryptionConfig | None = None
     retention: RetentionConfig | None = None  # applied to the target after each copy (forget and prune)
     select: CopySelect = CopySelect()
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        if not v.is_absolute():
-            raise ValueError(f"must be an absolute directory (got {str(v)!r})")
-        return v
 
 
 class Config(_Strict):

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from vsphere_proxy.catalog import Catalog, CatalogError
-from vsphere_proxy.config import Config, ConfigError, load_config
+from vsphere_proxy.config import Config, ConfigError, EncryptionConfig, load_config
 from vsphere_proxy.jobs import repo_access
 from vsphere_proxy.jobs.errors import BadJob, JobError
 from vsphere_proxy.model import Inventory
@@ -76,14 +76,21 @@ def read_config(arg: str | None) -> Config:
 def open_repository(config: Config, *, create: bool = False) -> Repository:
     if config.repository is None:
         raise CommandError("repository: not configured; add `repository: {path: /absolute/dir}`", EXIT_BAD_INPUT)
+    return open_repository_at(config.repository.path, config.repository.encryption, create=create)
+
+
+def open_repository_at(path: Path, encryption: EncryptionConfig | None, *, create: bool = False,
+                       where: str = "repository") -> Repository:
+    """The repository at `path` (created if asked), with the key `encryption` names; its problems as the command's
+    failure: bad input naming `where` (the configuration's section), exit 5 while it is locked."""
     try:
-        return repo_access.open_repository(config.repository.path, config.repository.encryption, create=create)
+        return repo_access.open_repository(path, encryption, create=create, where=where)
     except RepositoryLocked as e:
         raise repository_failure(e) from None
     except KeyProblem as e:
         raise CommandError(str(e), EXIT_BAD_INPUT) from None
     except RepositoryError as e:
-        raise CommandError(f"repository.path: {e}", EXIT_BAD_INPUT) from None
+        raise CommandError(f"{where}.path: {e}", EXIT_BAD_INPUT) from None
 
 
 def open_catalog(config: Config) -> Catalog:

@@ -20,15 +20,15 @@ from vsphere_proxy.cli.common import (
     job_failure,
     line,
     open_repository,
+    open_repository_at,
     read_config,
     repository_failure,
     styled,
 )
 from vsphere_proxy.config import Config, ConfigError, CopySelect, CopyTargetConfig, EncryptionConfig, validate
-from vsphere_proxy.jobs import repo_access
 from vsphere_proxy.jobs.copy import CopyReport, CopySelection, run_copy
 from vsphere_proxy.jobs.errors import JobError
-from vsphere_proxy.repository import KeyProblem, Repository, RepositoryError, RepositoryLocked
+from vsphere_proxy.repository import Repository, RepositoryError
 from vsphere_proxy.retention import Duration
 from vsphere_proxy.units import human_size
 
@@ -100,14 +100,7 @@ def _selection(target: CopyTargetConfig, args: argparse.Namespace) -> CopySelect
 
 def _open_target(target: CopyTargetConfig, source: Repository) -> Repository:
     where = f"repositories[{target.name}]" if target.name != "copy" else "--to-repository"
-    try:
-        repo = repo_access.open_repository(target.path, target.encryption, create=True, where=where)
-    except RepositoryLocked as e:
-        raise repository_failure(e) from None
-    except KeyProblem as e:
-        raise CommandError(str(e), EXIT_BAD_INPUT) from None
-    except RepositoryError as e:
-        raise CommandError(f"{where}.path: {e}", EXIT_BAD_INPUT) from None
+    repo = open_repository_at(target.path, target.encryption, create=True, where=where)
     if repo.config.id == source.config.id:
         raise CommandError(f"{where}.path: {target.path} is the job's own repository", EXIT_BAD_INPUT)
     return repo

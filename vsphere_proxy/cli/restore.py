@@ -323,6 +323,16 @@ def _disk_to_vm(args: argparse.Namespace, config: Any, repo: Repository) -> int:
         inventory=found.inventory, control=control))
 
 
+def choose_disk(repo: Repository, args: argparse.Namespace) -> Manifest:
+    """The restore point `--vm`/`--point` name, which must hold disk `--disk` (bad input otherwise)."""
+    manifest = choose_point(repo, args.vm, args.point)
+    indexes = [d.index for d in manifest.disks]
+    if args.disk not in indexes:
+        raise CommandError(f"--disk: restore point {manifest.id} has disks {indexes}, not {args.disk}",
+                           EXIT_BAD_INPUT)
+    return manifest
+
+
 def _disk_to_stdout(args: argparse.Namespace, repo: Repository) -> int:
     """`--to -`: the raw disk on stdout (a backup product's pipe, Bareos bpipe style); what a person reads goes to
     stderr. A damaged chunk ends the stream short and the command fails (exit 4), so the reader knows."""
@@ -331,11 +341,7 @@ def _disk_to_stdout(args: argparse.Namespace, repo: Repository) -> int:
     if sys.stdout.isatty():
         raise CommandError("--to -: stdout is a terminal; pipe it into a file or a program", EXIT_BAD_INPUT)
     try:
-        manifest = choose_point(repo, args.vm, args.point)
-        indexes = [d.index for d in manifest.disks]
-        if args.disk not in indexes:
-            raise CommandError(f"--disk: restore point {manifest.id} has disks {indexes}, not {args.disk}",
-                               EXIT_BAD_INPUT)
+        manifest = choose_disk(repo, args)
         result = repo.stream(manifest.id, args.disk, sys.stdout.buffer)
     except RepositoryError as e:
         raise repository_failure(e) from None
@@ -355,11 +361,7 @@ def do_restore_disk(args: argparse.Namespace) -> int:
         return _disk_to_stdout(args, repo)
     target = check_target(args.to, args.force)
     try:
-        manifest = choose_point(repo, args.vm, args.point)
-        indexes = [d.index for d in manifest.disks]
-        if args.disk not in indexes:
-            raise CommandError(f"--disk: restore point {manifest.id} has disks {indexes}, not {args.disk}",
-                               EXIT_BAD_INPUT)
+        manifest = choose_disk(repo, args)
         capacity = manifest.disk(args.disk).capacity
         if target.device_bytes is not None and target.device_bytes < capacity:
             raise CommandError(f"--to: {target.path} holds {target.device_bytes} bytes; disk {args.disk} of "
